@@ -1,0 +1,185 @@
+"""Native kernels of commcomp, as ``torch.ops.commcomp.*`` plus checked Python wrappers.
+
+Ternary codec (TernGrad, Wen et al. 2017), bit-exact on every backend:
+
+1. :func:`ternarize_pack` clips each value to ``[-s, s]`` and draws its code, ``sign(x)``
+   with probability ``|x| / s`` and ``0`` otherwise, so ``E[s * code] = clip(x, -s, s)``;
+   codes are packed four to a byte (16x smaller than fp32).
+2. :func:`ternarize_int8` draws the same codes as int8 (for an int8 all-reduce).
+3. :func:`unpack` decodes one payload; :func:`unpack_accumulate` decodes the payloads of
+   ``W`` ranks, each with its own scale(s), and adds their sum into an existing buffer.
+4. :func:`segment_stats` gives the per-segment ``max |x|`` and standard deviation that
+   layer-wise scaling and ``c * sigma`` clipping need.
+
+``segments`` (a list of lengths, e.g. ``[p.numel() for p in bucket_params]``) gives one scale
+per segment of a flat buffer: TernGrad's layer-wise scalars inside a DDP bucket.
+Randomness is Philox4x32-10 keyed by ``seed`` with counter ``offset + index``: the same
+``(x, scale, seed, offset)`` gives the same bytes on the reference, the CPU and the CUDA
+kernels, and a slice ternarized with ``offset = start`` matches the whole.
+
+Example::
+
+    >>> x = torch.randn(10)
+    >>> s = commcomp.ops.segment_stats(x)[0]            # max |x|
+    >>> payload = commcomp.ops.ternarize_pack(x, s, seed=0)  # 3 bytes
+    >>> y = commcomp.ops.unpack(payload, 10, s)          # unbiased estimate of x
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _checks, _loader, _meta, reference
+
+__all__ = [
+    "backend",
+    "ternarize_pack",
+    "ternarize_int8",
+    "unpack",
+    "unpack_accumulate",
+    "segment_stats",
+    "reference",
+]
+
+_loader.load()
+_meta.register()
+
+
+def backend(device="cpu") -> str:
+    """``"native"`` if compiled kernels serve tensors on ``device``, else ``"reference"``."""
+    dev = torch.device(device)
+    return _loader.BACKENDS.get(dev.type.upper(), "reference")
+
+
+def _ternarize(op, x, scale, seed, offset, segments, validate):
+    _checks.float_tensor(x, "x")
+    n = x.numel()
+    segs = _checks.segments(segments, n)
+    s = _checks.scales(scale, 1, 1 if segs is None else len(segs), x.device)
+    seed = _checks.integer(seed, "seed")
+    offset = _checks.integer(offset, "offset", high=2**63 - n)
+    if validate:
+        _checks.scale_values(s)
+        _checks.data_values(segment_stats(x, segs)[0], s)
+    return op(x.reshape(-1), s, segs, seed, offset)
+
+
+def ternarize_pack(
+    x: torch.Tensor,
+    scale,
+    seed: int,
+    offset: int = 0,
+    *,
+    segments: Optional[Sequence[int]] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Stochastically ternarize ``x`` against ``scale`` and pack 4 codes per byte.
+
+    Args:
+        x: contiguous float32/float16/bfloat16 tensor (read as flat).
+        scale: a float or a float tensor with one value per segment (``>= 0``); values are
+            clipped to ``[-scale, scale]``. Use ``max |x|`` for the unclipped TernGrad codec.
+        seed: key of the random stream, ``0 <= seed < 2**63``; give each rank and step its own.
+        offset: index of ``x[0]`` in the random stream (a slice at ``offset = start`` draws
+            what the whole tensor would).
+        segments: lengths of consecutive segments with one scale each (``None``: one).
+        validate: check for NaN/Inf and for zero scales over non-zero data (one host sync).
+
+    Returns:
+        uint8 tensor of ``ceil(x.numel() / 4)`` bytes.
+    """
+    return _ternarize(torch.ops.commcomp.ternarize_pack, x, scale, seed, offset, segments, validate)
+
+
+def ternarize_int8(
+    x: torch.Tensor,
+    scale,
+    seed: int,
+    offset: int = 0,
+    *,
+    segments: Optional[Sequence[int]] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """The codes of :func:`ternarize_pack` (same randomness) as an int8 tensor of ``x.numel()``."""
+    return _ternarize(torch.ops.commcomp.ternarize_int8, x, scale, seed, offset, segments, validate)
+
+
+def unpack(
+    packed: torch.Tensor,
+    numel: int,
+    scale,
+    dtype: torch.dtype = torch.float32,
+    *,
+    segments: Optional[Sequence[int]] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Decode a payload of :func:`ternarize_pack` into ``scale * code`` of ``dtype``."""
+    _checks.packed_tensor(packed)
+    numel = _checks.integer(numel, "numel")
+    if packed.numel() != (numel + 3) // 4:
+        raise ValueError(
+            f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs "
+            f"{(numel + 3) // 4} (ceil(numel / 4)); pass the numel that was packed"
+        )
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
+    segs = _checks.segments(segments, numel)
+    s = _checks.scales(scale, 1, 1 if segs is None else len(segs), packed.device)
+    if validate:
+        _checks.scale_values(s)
+    return torch.ops.commcomp.unpack(packed.reshape(-1), numel, s, segs, dtype)
+
+
+def unpack_accumulate(
+    packed: torch.Tensor,
+    scales,
+    out: torch.Tensor,
+    *,
+    segments: Optional[Sequence[int]] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``out += sum_w scales[w] * decode(packed[w])`` in one pass over ``out``.
+
+    Args:
+        packed: uint8 ``[W, ceil(n / 4)]``, one payload per rank (1-D means ``W = 1``).
+        scales: ``[W]`` (one segment) or ``[W, S]`` float scales of each payload.
+        out: contiguous float32/float16/bfloat16 buffer of ``n`` elements, updated in place.
+            The sum over ranks is taken in float32, in rank order, then added to ``out``.
+        segments: segment lengths shared by all payloads (``None``: one segment).
+        validate: check that the scales are finite and ``>= 0`` (one host sync).
+
+    Returns:
+        ``out``.
+    """
+    _checks.packed_tensor(packed)
+    _checks.float_tensor(out, "out")
+    numel = out.numel()
+    rows = packed.reshape(1, -1) if packed.dim() == 1 else packed
+    if rows.dim() != 2 or rows.shape[1] != (numel + 3) // 4:
+        raise ValueError(
+            f"commcomp: packed must be [world, ceil(n / 4)] = [W, {(numel + 3) // 4}] for an "
+            f"out of {numel} elements, got shape {tuple(packed.shape)}"
+        )
+    if packed.device != out.device:
+        raise ValueError(f"commcomp: packed is on {packed.device} but out is on {out.device}")
+    segs = _checks.segments(segments, numel)
+    s = _checks.scales(scales, rows.shape[0], 1 if segs is None else len(segs), out.device, "scales")
+    if validate:
+        _checks.scale_values(s, "scales")
+    torch.ops.commcomp.unpack_accumulate(rows, s, segs, out)
+    return out
+
+
+def segment_stats(
+    x: torch.Tensor, segments: Optional[Sequence[int]] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per segment: ``max |x|`` and the population standard deviation, as float32 ``[S]``.
+
+    A segment holding NaN reports NaN as its max (Inf gives Inf), so non-finite data can be
+    detected from the result without another pass. Empty segments report 0 and 0.
+    """
+    _checks.float_tensor(x, "x")
+    segs = _checks.segments(segments, x.numel())
+    return torch.ops.commcomp.segment_stats(x.reshape(-1), segs)

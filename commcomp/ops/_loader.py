@@ -1,0 +1,84 @@
+"""Load the native kernels, or fall back to the pure-PyTorch reference.
+
+After :func:`load`, every operator in :data:`commcomp.ops._schemas.SCHEMAS` exists as
+``torch.ops.commcomp.<name>`` with a kernel for CPU and CUDA tensors:
+
+* the compiled extension ``commcomp._C`` declares the schemas and registers its CPU kernels
+  (and CUDA kernels when it was built with CUDA);
+* ``COMMCOMP_FORCE_REFERENCE=1`` skips the extension (to debug or compare);
+* any backend it does not cover gets the reference twin from :mod:`commcomp.ops.reference`
+  registered through ``torch.library``, so the dispatcher, ``torch.compile`` and ``opcheck``
+  treat both paths the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Dict
+
+import torch
+from packaging.version import Version
+
+from . import reference
+from ._schemas import SCHEMAS
+
+logger = logging.getLogger(__name__)
+
+_libraries = []  # torch.library.Library objects must stay alive for their registrations
+BACKENDS: Dict[str, str] = {}  # dispatch key ("CPU", "CUDA") -> "native" | "reference"
+LOAD_ERROR: str = ""
+
+
+def _import_native():
+    """Return the native module, or None with the reason recorded in LOAD_ERROR."""
+    global LOAD_ERROR
+    if os.environ.get("COMMCOMP_FORCE_REFERENCE") == "1":
+        LOAD_ERROR = "COMMCOMP_FORCE_REFERENCE=1 is set"
+        return None
+    try:
+        from commcomp import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    except ImportError as exc:
+        LOAD_ERROR = str(exc)
+        return None
+    built = Version(getattr(_C, "torch_version", "0.0"))
+    running = Version(Version(torch.__version__).base_version)
+    if (built.major, built.minor) != (running.major, running.minor):
+        warnings.warn(
+            f"commcomp's native extension was built against torch {built} but torch "
+            f"{torch.__version__} is running; rebuild it with "
+            "`pip install --no-build-isolation -e .` to avoid crashes.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _C
+
+
+def load() -> Dict[str, str]:
+    if BACKENDS:
+        return BACKENDS
+    native = _import_native()
+    if native is None:
+        lib = torch.library.Library("commcomp", "DEF")
+        for schema in SCHEMAS.values():
+            lib.define(schema)
+        _libraries.append(lib)
+        warnings.warn(
+            "commcomp: the native extension is not built, so the pure-PyTorch reference "
+            "kernels are used (same results, much slower). Build it with "
+            "`pip install --no-build-isolation -e .` from the source tree. "
+            f"(import error: {LOAD_ERROR})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    BACKENDS["CPU"] = "native" if native is not None else "reference"
+    BACKENDS["CUDA"] = "native" if native is not None and native.with_cuda else "reference"
+    impl = torch.library.Library("commcomp", "IMPL")
+    for key, kind in BACKENDS.items():
+        if kind == "reference":
+            for name in SCHEMAS:
+                impl.impl(name, getattr(reference, name), key)
+    _libraries.append(impl)
+    logger.debug("commcomp kernels: %s", BACKENDS)
+    return BACKENDS

@@ -1,0 +1,35 @@
+"""Fake (meta) kernels: output shapes and dtypes for torch.compile and FakeTensor tracing."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _nbytes(n: int) -> int:
+    return (n + 3) // 4
+
+
+def register() -> None:
+    @torch.library.register_fake("commcomp::ternarize_pack")
+    def _(x, scales, segments, seed, offset):
+        return x.new_empty((_nbytes(x.numel()),), dtype=torch.uint8)
+
+    @torch.library.register_fake("commcomp::ternarize_int8")
+    def _(x, scales, segments, seed, offset):
+        return x.new_empty((x.numel(),), dtype=torch.int8)
+
+    @torch.library.register_fake("commcomp::unpack")
+    def _(packed, numel, scales, segments, dtype):
+        return packed.new_empty((numel,), dtype=dtype)
+
+    @torch.library.register_fake("commcomp::unpack_accumulate")
+    def _(packed, scales, segments, out):
+        return None
+
+    @torch.library.register_fake("commcomp::segment_stats")
+    def _(x, segments):
+        nseg = 1 if segments is None else len(segments)
+        return (
+            x.new_empty((nseg,), dtype=torch.float32),
+            x.new_empty((nseg,), dtype=torch.float32),
+        )

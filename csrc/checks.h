@@ -1,0 +1,68 @@
+// Host-side argument checks shared by every backend. They run before any kernel touches
+// memory, so a bad call fails with an error that names the argument instead of reading out
+// of bounds. Value checks that would need a device sync (NaN, scale <= 0 with data) live in
+// commcomp/ops/__init__.py, where the caller can switch them off on a hot path.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace commcomp {
+
+inline void check_float_input(const at::Tensor& x, const char* name) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "commcomp: ", name,
+              " must be float32, float16 or bfloat16, got ", dt,
+              "; convert it with .float() first");
+  TORCH_CHECK(x.is_contiguous(), "commcomp: ", name,
+              " must be contiguous (got strides ", x.strides(), "); pass ", name,
+              ".contiguous()");
+}
+
+inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
+                              const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), "commcomp: ", an, " is on ", a.device(), " but ", bn,
+              " is on ", b.device(), "; move them to one device");
+}
+
+// Cumulative offsets [0, l0, l0+l1, ..., n] of the segment lengths; one segment if none.
+inline std::vector<int64_t> segment_offsets(at::OptionalIntArrayRef segments, int64_t n) {
+  std::vector<int64_t> off{0};
+  if (!segments.has_value()) {
+    off.push_back(n);
+    return off;
+  }
+  TORCH_CHECK(!segments->empty(), "commcomp: segments must name at least one length (got an ",
+              "empty list); pass None for a single segment");
+  off.reserve(segments->size() + 1);
+  for (size_t k = 0; k < segments->size(); ++k) {
+    const int64_t len = (*segments)[k];
+    TORCH_CHECK(len >= 0, "commcomp: segments[", k, "] = ", len, " is negative; segment ",
+                "lengths must be >= 0");
+    off.push_back(off.back() + len);
+  }
+  TORCH_CHECK(off.back() == n, "commcomp: segments sum to ", off.back(), " but the tensor has ",
+              n, " elements; the lengths must cover it exactly");
+  return off;
+}
+
+inline void check_scales(const at::Tensor& scales, int64_t rows, int64_t nseg,
+                         const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "commcomp: scales must be float32, got ",
+              scales.scalar_type());
+  TORCH_CHECK(scales.is_contiguous(), "commcomp: scales must be contiguous");
+  TORCH_CHECK(scales.numel() == rows * nseg, "commcomp: scales has ", scales.numel(),
+              " elements but ", rows * nseg, " are needed (", rows, " row(s) x ", nseg,
+              " segment(s))");
+  check_same_device(scales, "scales", like, like_name);
+}
+
+inline void check_seed_offset(int64_t seed, int64_t offset) {
+  TORCH_CHECK(seed >= 0, "commcomp: seed must be >= 0, got ", seed);
+  TORCH_CHECK(offset >= 0, "commcomp: offset must be >= 0, got ", offset);
+}
+
+inline int64_t packed_bytes(int64_t n) { return (n + 3) / 4; }
+
+}  // namespace commcomp
