@@ -3,7 +3,8 @@
 # native extension built in place. Used by the README's two commands and by CI.
 #
 # - Python: $COMMCOMP_PYTHON, else python3. The venv sees that Python's site-packages, so a
-#   torch already installed there (a CUDA build, say) is used as it is.
+#   torch already installed there (a CUDA build, say) is used as it is. Set
+#   COMMCOMP_VENV_FLAGS="" for a venv that sees nothing (what a fresh machine gets).
 # - torch: installed as torch==2.13.0 only when none can be imported (an unpinned torch
 #   would download gigabytes of CUDA packages).
 # - The extension is built against that torch with --no-build-isolation.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 python=${COMMCOMP_PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($python --version 2>&1)"
-  "$python" -m venv --system-site-packages .venv
+  "$python" -m venv ${COMMCOMP_VENV_FLAGS---system-site-packages} .venv
 fi
 py=.venv/bin/python
 pip() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
