@@ -65,4 +65,51 @@ inline void check_seed_offset(int64_t seed, int64_t offset) {
 
 inline int64_t packed_bytes(int64_t n) { return (n + 3) / 4; }
 
+inline void check_packed(const at::Tensor& packed, int64_t rows, int64_t numel) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "commcomp: packed must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.is_contiguous(), "commcomp: packed must be contiguous");
+  TORCH_CHECK(packed.numel() == rows * packed_bytes(numel), "commcomp: packed has ",
+              packed.numel(), " bytes but ", rows, " payload(s) of ", numel,
+              " elements need ", rows * packed_bytes(numel), " (ceil(numel / 4) each)");
+}
+
+// The checks of each op, shared by every backend; each returns the segment offsets.
+inline std::vector<int64_t> check_ternarize_args(const at::Tensor& x, const at::Tensor& scales,
+                                                 at::OptionalIntArrayRef segments, int64_t seed,
+                                                 int64_t offset) {
+  check_float_input(x, "x");
+  check_seed_offset(seed, offset);
+  auto off = segment_offsets(segments, x.numel());
+  check_scales(scales, 1, static_cast<int64_t>(off.size()) - 1, x, "x");
+  return off;
+}
+
+inline std::vector<int64_t> check_unpack_args(const at::Tensor& packed, int64_t numel,
+                                              const at::Tensor& scales,
+                                              at::OptionalIntArrayRef segments,
+                                              at::ScalarType dtype) {
+  TORCH_CHECK(numel >= 0, "commcomp: numel must be >= 0, got ", numel);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "commcomp: dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_packed(packed, 1, numel);
+  auto off = segment_offsets(segments, numel);
+  check_scales(scales, 1, static_cast<int64_t>(off.size()) - 1, packed, "packed");
+  return off;
+}
+
+inline std::vector<int64_t> check_unpack_accumulate_args(const at::Tensor& packed,
+                                                         const at::Tensor& scales,
+                                                         at::OptionalIntArrayRef segments,
+                                                         const at::Tensor& out) {
+  check_float_input(out, "out");
+  TORCH_CHECK(packed.dim() == 2, "commcomp: packed must be 2-D [world, ceil(numel / 4)], got ",
+              packed.dim(), "-D");
+  check_packed(packed, packed.size(0), out.numel());
+  check_same_device(packed, "packed", out, "out");
+  auto off = segment_offsets(segments, out.numel());
+  check_scales(scales, packed.size(0), static_cast<int64_t>(off.size()) - 1, out, "out");
+  return off;
+}
+
 }  // namespace commcomp

@@ -54,7 +54,8 @@ Moments piece_moments(const scalar_t* x, int64_t len) {
   // sum (x - mf)^2 - (sum (x - mf))^2 / len.
   if (len > 0) m2 -= shift * shift / static_cast<double>(len);
   const float nanf = std::numeric_limits<float>::quiet_NaN();
-  return Moments{static_cast<double>(len), mean, m2 > 0.0 ? m2 : 0.0, nan ? nanf : amax};
+  // Rounding can leave m2 slightly negative; NaN (from NaN or Inf data) must stay NaN.
+  return Moments{static_cast<double>(len), mean, m2 < 0.0 ? 0.0 : m2, nan ? nanf : amax};
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_stats_cpu(const at::Tensor& x,
@@ -63,20 +64,13 @@ std::tuple<at::Tensor, at::Tensor> segment_stats_cpu(const at::Tensor& x,
   const int64_t n = x.numel();
   const auto off = segment_offsets(segments, n);
   const int64_t nseg = static_cast<int64_t>(off.size()) - 1;
-  // Pieces: each segment cut into runs of at most kStatsPiece elements.
-  std::vector<int64_t> piece_begin, first_piece{0};
-  for (int64_t s = 0; s < nseg; ++s) {
-    for (int64_t b = off[s]; b < off[s + 1]; b += kStatsPiece) piece_begin.push_back(b);
-    first_piece.push_back(static_cast<int64_t>(piece_begin.size()));
-  }
-  std::vector<Moments> pieces(piece_begin.size());
+  const PieceTable table = stats_pieces(off);
+  std::vector<Moments> pieces(table.begin.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segstats", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t b = piece_begin[p];
-        const int64_t seg_end = *std::upper_bound(off.begin(), off.end(), b);
-        pieces[p] = piece_moments(px + b, std::min(b + kStatsPiece, seg_end) - b);
+        pieces[p] = piece_moments(px + table.begin[p], table.len[p]);
       }
     });
   });
@@ -86,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> segment_stats_cpu(const at::Tensor& x,
   float* ps = stdev.mutable_data_ptr<float>();
   for (int64_t s = 0; s < nseg; ++s) {
     Moments m{0.0, 0.0, 0.0, 0.f};
-    for (int64_t p = first_piece[s]; p < first_piece[s + 1]; ++p) m = merge_moments(m, pieces[p]);
+    for (int64_t p = table.first[s]; p < table.first[s + 1]; ++p) m = merge_moments(m, pieces[p]);
     pa[s] = m.absmax;
     ps[s] = moments_std(m);
   }

@@ -78,11 +78,8 @@ void ternarize_impl(const scalar_t* x, int64_t n, const float* scales,
 at::Tensor ternarize_cpu(const at::Tensor& x, const at::Tensor& scales,
                          at::OptionalIntArrayRef segments, int64_t seed, int64_t offset,
                          bool pack) {
-  check_float_input(x, "x");
-  check_seed_offset(seed, offset);
+  const auto off = check_ternarize_args(x, scales, segments, seed, offset);
   const int64_t n = x.numel();
-  const auto off = segment_offsets(segments, n);
-  check_scales(scales, 1, static_cast<int64_t>(off.size()) - 1, x, "x");
   at::Tensor out = pack ? at::empty({packed_bytes(n)}, x.options().dtype(at::kByte))
                         : at::empty({n}, x.options().dtype(at::kChar));
   if (n == 0) return out;
@@ -110,23 +107,9 @@ at::Tensor ternarize_int8_cpu(const at::Tensor& x, const at::Tensor& scales,
   return ternarize_cpu(x, scales, segments, seed, offset, /*pack=*/false);
 }
 
-void check_packed(const at::Tensor& packed, int64_t rows, int64_t numel) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "commcomp: packed must be uint8, got ",
-              packed.scalar_type());
-  TORCH_CHECK(packed.is_contiguous(), "commcomp: packed must be contiguous");
-  TORCH_CHECK(packed.numel() == rows * packed_bytes(numel), "commcomp: packed has ",
-              packed.numel(), " bytes but ", rows, " payload(s) of ", numel,
-              " elements need ", rows * packed_bytes(numel), " (ceil(numel / 4) each)");
-}
-
 at::Tensor unpack_cpu(const at::Tensor& packed, int64_t numel, const at::Tensor& scales,
                       at::OptionalIntArrayRef segments, at::ScalarType dtype) {
-  TORCH_CHECK(numel >= 0, "commcomp: numel must be >= 0, got ", numel);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "commcomp: dtype must be float32, float16 or bfloat16, got ", dtype);
-  check_packed(packed, 1, numel);
-  const auto off = segment_offsets(segments, numel);
-  check_scales(scales, 1, static_cast<int64_t>(off.size()) - 1, packed, "packed");
+  const auto off = check_unpack_args(packed, numel, scales, segments, dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
@@ -150,16 +133,9 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t numel, const at::Tensor&
 
 void unpack_accumulate_cpu(const at::Tensor& packed, const at::Tensor& scales,
                            at::OptionalIntArrayRef segments, const at::Tensor& out) {
-  check_float_input(out, "out");
-  const int64_t numel = out.numel();
-  TORCH_CHECK(packed.dim() == 2, "commcomp: packed must be 2-D [world, ceil(numel / 4)], got ",
-              packed.dim(), "-D");
-  const int64_t rows = packed.size(0);
-  check_packed(packed, rows, numel);
-  check_same_device(packed, "packed", out, "out");
-  const auto off = segment_offsets(segments, numel);
+  const auto off = check_unpack_accumulate_args(packed, scales, segments, out);
+  const int64_t numel = out.numel(), rows = packed.size(0);
   const int64_t nseg = static_cast<int64_t>(off.size()) - 1;
-  check_scales(scales, rows, nseg, out, "out");
   if (numel == 0 || rows == 0) return;
   const int64_t nbytes = packed_bytes(numel);
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
