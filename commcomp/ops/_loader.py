@@ -13,6 +13,7 @@ After :func:`load`, every operator in :data:`commcomp.ops._schemas.SCHEMAS` exis
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -40,7 +41,16 @@ def _import_native():
     try:
         from commcomp import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
     except ImportError as exc:
-        LOAD_ERROR = str(exc)
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if importlib.util.find_spec("commcomp._C") is None:
+            LOAD_ERROR = f"no compiled extension (_C*.so) in {package_dir}"
+            if os.path.exists(os.path.join(package_dir, "..", "setup.py")):
+                LOAD_ERROR += (
+                    " (a source tree: build in place with `pip install --no-build-isolation -e .`,"
+                    " or run from another directory to use an installed copy)"
+                )
+        else:
+            LOAD_ERROR = str(exc)  # present but not loadable: an ABI or library problem
         return None
     built = Version(getattr(_C, "torch_version", "0.0"))
     running = Version(Version(torch.__version__).base_version)
@@ -68,7 +78,7 @@ def load() -> Dict[str, str]:
             "commcomp: the native extension is not built, so the pure-PyTorch reference "
             "kernels are used (same results, much slower). Build it with "
             "`pip install --no-build-isolation -e .` from the source tree. "
-            f"(import error: {LOAD_ERROR})",
+            f"(reason: {LOAD_ERROR})",
             RuntimeWarning,
             stacklevel=3,
         )

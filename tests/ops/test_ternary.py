@@ -159,3 +159,49 @@ def test_backend_reports_native_when_built():
         from commcomp import _C
 
         assert _C.torch_version.count(".") == 1
+
+
+def test_unaligned_views_match_reference(native, ref, device):
+    """A contiguous view starting mid-allocation takes the kernels' unaligned (scalar) path."""
+    base = make(4099, torch.float32, device, seed=4)
+    for start in (1, 2, 3):
+        x = base[start:]
+        s = absmax(x)
+        assert torch.equal(native.ternarize_pack(x, s, None, 9, 1), ref.ternarize_pack(x, s, None, 9, 1))
+        assert torch.equal(native.ternarize_int8(x.half(), s, None, 9, 0),
+                           ref.ternarize_int8(x.half(), s, None, 9, 0))
+        packed = ref.ternarize_pack(x, s, None, 9, 0)
+        rows = torch.stack([packed, packed])
+        out_n, out_r = base.clone()[start:], base.clone()[start:]
+        native.unpack_accumulate(rows, s.repeat(2), None, out_n)
+        ref.unpack_accumulate(rows, s.repeat(2), None, out_r)
+        assert torch.equal(out_n, out_r)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_bytes_equal_cpu_bytes(dtype):
+    """The claim that matters across machines: the GPU kernels write the CPU kernels' bytes."""
+    n = 10**6 + 3
+    x = make(n, dtype, "cpu", seed=5)
+    lengths = [1, 0, 500_000, n - 500_001]
+    s = ops.segment_stats(x, lengths)[0] * 0.8
+    xc, sc = x.cuda(), s.cuda()
+    for seed, offset in [(0, 0), (5, 3), (2**40, 2**33 + 1)]:
+        cpu = ops.ternarize_pack(x, s, seed, offset, segments=lengths)
+        assert torch.equal(ops.ternarize_pack(xc, sc, seed, offset, segments=lengths).cpu(), cpu)
+        assert torch.equal(ops.ternarize_int8(xc, sc, seed, offset, segments=lengths).cpu(),
+                           ops.ternarize_int8(x, s, seed, offset, segments=lengths))
+    packed = torch.stack([ops.ternarize_pack(x, s, w, segments=lengths) for w in range(3)])
+    scales = torch.stack([s * (w + 1) for w in range(3)])
+    assert torch.equal(ops.unpack(packed[0].cuda(), n, sc, dtype, segments=lengths).cpu(),
+                       ops.unpack(packed[0], n, s, dtype, segments=lengths))
+    out = x.clone()
+    out_c = x.cuda()
+    ops.unpack_accumulate(packed, scales, out, segments=lengths)
+    ops.unpack_accumulate(packed.cuda(), scales.cuda(), out_c, segments=lengths)
+    assert torch.equal(out_c.cpu(), out)
+    a_cpu, s_cpu = ops.segment_stats(x, lengths)
+    a_gpu, s_gpu = ops.segment_stats(xc, lengths)
+    assert torch.equal(a_gpu.cpu(), a_cpu)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-5, atol=0)
