@@ -10,15 +10,18 @@ if ! command -v nvcc >/dev/null; then
   if [ "${CI:-}" = "true" ]; then echo "[cuda] nvcc not found; CI must compile the .cu files" >&2; exit 1; fi
   echo "[cuda] nvcc not found: skipping the CUDA compile check"; exit 0
 fi
-includes=$("$py" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+# torch's headers as system headers: their warnings are not ours, ours stay visible.
+includes=$("$py" -c "import torch.utils.cpp_extension as c; print(' '.join('-isystem ' + p for p in c.include_paths()))")
+# The C++ standard torch's own extension builder uses for this torch (c++20 from 2.10 on).
+std=$("$py" -c "import torch; from packaging.version import Version as V; print('c++20' if V(torch.__version__).release >= (2, 10) else 'c++17')")
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 pids=()
 for f in csrc/cuda/*.cu; do
   echo "[cuda] nvcc $f"
-  nvcc -std=c++17 -O3 --expt-relaxed-constexpr -DCOMMCOMP_WITH_CUDA \
+  nvcc -std="$std" -O3 --expt-relaxed-constexpr -DCOMMCOMP_WITH_CUDA -Xcompiler -Wall \
     -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_75,code=compute_75 \
-    -I.ci/cuda-shim $includes -w -c "$f" -o "$out/$(basename "$f").o" &
+    -isystem .ci/cuda-shim $includes -c "$f" -o "$out/$(basename "$f").o" &
   pids+=($!)
 done
 status=0

@@ -7,7 +7,8 @@
 #   COMMCOMP_VENV_FLAGS="" for a venv that sees nothing (what a fresh machine gets).
 # - torch: installed as torch==2.13.0 only when none can be imported (an unpinned torch
 #   would download gigabytes of CUDA packages).
-# - The extension is built against that torch with --no-build-isolation.
+# - The extension is built against that torch with --no-build-isolation; CUDA kernels too when
+#   that torch has CUDA and nvcc is found (COMMCOMP_CUDA=0 or 1 decides instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ py=.venv/bin/python
 pip() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
-  echo "[setup] no torch found: installing torch==2.13.0 (CPU)"
+  echo "[setup] no torch found: installing torch==2.13.0"
   pip "torch==2.13.0"
 fi
 echo "[setup] torch $("$py" -c 'import torch; print(torch.__version__)')"

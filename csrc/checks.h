@@ -40,6 +40,8 @@ inline std::vector<int64_t> segment_offsets(at::OptionalIntArrayRef segments, in
     const int64_t len = (*segments)[k];
     TORCH_CHECK(len >= 0, "commcomp: segments[", k, "] = ", len, " is negative; segment ",
                 "lengths must be >= 0");
+    TORCH_CHECK(len <= n - off.back(), "commcomp: segments[0..", k, "] already sum to more ",
+                "than the ", n, " elements of the tensor; the lengths must cover it exactly");
     off.push_back(off.back() + len);
   }
   TORCH_CHECK(off.back() == n, "commcomp: segments sum to ", off.back(), " but the tensor has ",
@@ -51,7 +53,7 @@ inline void check_scales(const at::Tensor& scales, int64_t rows, int64_t nseg,
                          const at::Tensor& like, const char* like_name) {
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "commcomp: scales must be float32, got ",
               scales.scalar_type());
-  TORCH_CHECK(scales.is_contiguous(), "commcomp: scales must be contiguous");
+  TORCH_CHECK(scales.is_contiguous(), "commcomp: scales must be contiguous; pass scales.contiguous()");
   TORCH_CHECK(scales.numel() == rows * nseg, "commcomp: scales has ", scales.numel(),
               " elements but ", rows * nseg, " are needed (", rows, " row(s) x ", nseg,
               " segment(s))");
@@ -68,7 +70,7 @@ inline int64_t packed_bytes(int64_t n) { return (n + 3) / 4; }
 inline void check_packed(const at::Tensor& packed, int64_t rows, int64_t numel) {
   TORCH_CHECK(packed.scalar_type() == at::kByte, "commcomp: packed must be uint8, got ",
               packed.scalar_type());
-  TORCH_CHECK(packed.is_contiguous(), "commcomp: packed must be contiguous");
+  TORCH_CHECK(packed.is_contiguous(), "commcomp: packed must be contiguous; pass packed.contiguous()");
   TORCH_CHECK(packed.numel() == rows * packed_bytes(numel), "commcomp: packed has ",
               packed.numel(), " bytes but ", rows, " payload(s) of ", numel,
               " elements need ", rows * packed_bytes(numel), " (ceil(numel / 4) each)");

@@ -56,7 +56,8 @@ def flat_grad(model) -> torch.Tensor:
 def layer_scales(g: torch.Tensor, lengths, clip: float = 2.5) -> torch.Tensor:
     """TernGrad's per-layer scalar: max |g| after clipping each layer to clip * sigma."""
     absmax, std = ops.segment_stats(g, lengths)
-    return torch.minimum(absmax, clip * std)
+    # A constant or one-element layer has std 0: leave it unclipped rather than lose it.
+    return torch.where(std > 0, torch.minimum(absmax, clip * std), absmax)
 
 
 def ternary_average(grads, lengths, step: int) -> torch.Tensor:

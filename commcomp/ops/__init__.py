@@ -13,6 +13,7 @@ Ternary codec (TernGrad, Wen et al. 2017), bit-exact on every backend:
 
 ``segments`` (a list of lengths, e.g. ``[p.numel() for p in bucket_params]``) gives one scale
 per segment of a flat buffer: TernGrad's layer-wise scalars inside a DDP bucket.
+The ops are not differentiable (inputs are detached): they act on gradients.
 Randomness is Philox4x32-10 keyed by ``seed`` with counter ``offset + index``: the same
 ``(x, scale, seed, offset)`` gives the same bytes on the reference, the CPU and the CUDA
 kernels, and a slice ternarized with ``offset = start`` matches the whole.
@@ -60,9 +61,9 @@ def _ternarize(op, x, scale, seed, offset, segments, validate):
     s = _checks.scales(scale, 1, 1 if segs is None else len(segs), x.device)
     seed = _checks.integer(seed, "seed")
     offset = _checks.integer(offset, "offset", high=2**63 - n)
+    x = x.detach()
     if validate:
-        _checks.scale_values(s)
-        _checks.data_values(segment_stats(x, segs)[0], s)
+        _checks.raise_on_values(s, segment_stats(x, segs)[0])
     return op(x.reshape(-1), s, segs, seed, offset)
 
 
@@ -85,7 +86,8 @@ def ternarize_pack(
         offset: index of ``x[0]`` in the random stream (a slice at ``offset = start`` draws
             what the whole tensor would).
         segments: lengths of consecutive segments with one scale each (``None``: one).
-        validate: check for NaN/Inf and for zero scales over non-zero data (one host sync).
+        validate: check for NaN/Inf and for zero scales over non-zero data (one extra read
+            of ``x`` and one host sync; turn off where values are checked another way).
 
     Returns:
         uint8 tensor of ``ceil(x.numel() / 4)`` bytes.
@@ -128,7 +130,7 @@ def unpack(
     segs = _checks.segments(segments, numel)
     s = _checks.scales(scale, 1, 1 if segs is None else len(segs), packed.device)
     if validate:
-        _checks.scale_values(s)
+        _checks.raise_on_values(s)
     return torch.ops.commcomp.unpack(packed.reshape(-1), numel, s, segs, dtype)
 
 
@@ -163,12 +165,15 @@ def unpack_accumulate(
             f"out of {numel} elements, got shape {tuple(packed.shape)}"
         )
     if packed.device != out.device:
-        raise ValueError(f"commcomp: packed is on {packed.device} but out is on {out.device}")
+        raise ValueError(
+            f"commcomp: packed is on {packed.device} but out is on {out.device}; "
+            f"pass packed.to({str(out.device)!r})"
+        )
     segs = _checks.segments(segments, numel)
     s = _checks.scales(scales, rows.shape[0], 1 if segs is None else len(segs), out.device, "scales")
     if validate:
-        _checks.scale_values(s, "scales")
-    torch.ops.commcomp.unpack_accumulate(rows, s, segs, out)
+        _checks.raise_on_values(s, name="scales")
+    torch.ops.commcomp.unpack_accumulate(rows.detach(), s, segs, out)
     return out
 
 
@@ -182,4 +187,4 @@ def segment_stats(
     """
     _checks.float_tensor(x, "x")
     segs = _checks.segments(segments, x.numel())
-    return torch.ops.commcomp.segment_stats(x.reshape(-1), segs)
+    return torch.ops.commcomp.segment_stats(x.detach().reshape(-1), segs)

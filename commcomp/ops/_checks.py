@@ -70,12 +70,24 @@ def segments(segs: Optional[Sequence[int]], n: int) -> Optional[List[int]]:
     return out
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def scales(scale, rows: int, nseg: int, device: torch.device, name: str = "scale"):
-    """A float32 tensor of rows * nseg scales on `device`, from a number or a tensor."""
+    """A float32 tensor of rows * nseg scales on `device`, from a number, a list or a tensor.
+    A 2-D tensor must be [rows, nseg]; otherwise only the count must match."""
+    numbers_given = None
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale = torch.full((rows * nseg,), float(scale), dtype=torch.float32, device=device)
-    elif isinstance(scale, (list, tuple)) and all(isinstance(v, numbers.Real) for v in scale):
-        scale = torch.tensor([float(v) for v in scale], dtype=torch.float32, device=device)
+        numbers_given = [float(scale)] * (rows * nseg)
+    elif isinstance(scale, (list, tuple)) and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale
+    ):
+        numbers_given = [float(v) for v in scale]
+    if numbers_given is not None:
+        big = [v for v in numbers_given if abs(v) > _FLOAT32_MAX and v == v and abs(v) != float("inf")]
+        if big:
+            raise ValueError(f"commcomp: {name} = {big[0]} does not fit in float32 (max {_FLOAT32_MAX:.4g})")
+        scale = torch.tensor(numbers_given, dtype=torch.float32, device=device)
     if not isinstance(scale, torch.Tensor):
         raise TypeError(
             f"commcomp: {name} must be a float, a list of floats or a tensor, got "
@@ -85,42 +97,99 @@ def scales(scale, rows: int, nseg: int, device: torch.device, name: str = "scale
         raise TypeError(f"commcomp: {name} must be a floating-point tensor, got {scale.dtype}")
     if scale.device != device:
         raise ValueError(
-            f"commcomp: {name} is on {scale.device} but the data is on {device}; move it there"
+            f"commcomp: {name} is on {scale.device} but the data is on {device}; "
+            f"pass {name}.to({str(device)!r})"
+        )
+    if scale.dim() == 2 and tuple(scale.shape) != (rows, nseg):
+        raise ValueError(
+            f"commcomp: {name} has shape {tuple(scale.shape)} but [payloads, segments] = "
+            f"[{rows}, {nseg}] is needed"
         )
     if scale.numel() != rows * nseg:
         raise ValueError(
             f"commcomp: {name} has {scale.numel()} element(s) but {rows * nseg} are needed "
             f"({rows} payload(s) x {nseg} segment(s))"
         )
-    return scale.reshape(-1).to(torch.float32).contiguous()
+    return scale.detach().reshape(-1).to(torch.float32).contiguous()
 
 
-def scale_values(s: torch.Tensor, name: str = "scale") -> None:
-    """Scales must be finite and >= 0 (one host read)."""
-    bad = (~torch.isfinite(s)) | (s < 0)
-    if bool(bad.any()):
-        idx = bad.nonzero().flatten().tolist()[:5]
-        vals = s[idx].tolist()
+def scale_flags(s: torch.Tensor) -> torch.Tensor:
+    """Per scale: True where it is not finite or negative."""
+    return (~torch.isfinite(s)) | (s < 0)
+
+
+def data_flags(absmax: torch.Tensor, s: torch.Tensor):
+    """Per segment: non-finite data, and non-zero data under a zero scale."""
+    return ~torch.isfinite(absmax), (absmax > 0) & (s == 0)
+
+
+def raise_on_values(s: torch.Tensor, absmax: Optional[torch.Tensor] = None, name: str = "scale",
+                    data: str = "x") -> None:
+    """Check scales (finite, >= 0) and, given the data's per-segment max |x|, that the data is
+    finite and no non-zero segment has a zero scale. One host read for all of it."""
+    flags = [scale_flags(s)]
+    if absmax is not None:
+        flags.extend(data_flags(absmax, s))
+    if not bool(torch.stack([f.any() for f in flags]).any()):  # the one sync
+        return
+    bad_scale = flags[0].nonzero().flatten().tolist()[:5]
+    if bad_scale:
         raise ValueError(
-            f"commcomp: {name} must be finite and >= 0; got {vals} at index {idx}. A scale "
-            "is the largest |value| a payload can represent (e.g. segment_stats(x)[0])."
+            f"commcomp: {name} must be finite and >= 0; got {s[bad_scale].tolist()} at index "
+            f"{bad_scale}. A scale is the largest |value| a payload can represent "
+            "(e.g. segment_stats(x)[0])."
         )
-
-
-def data_values(absmax: torch.Tensor, s: torch.Tensor, name: str = "x") -> None:
-    """x must be finite, and a segment with non-zero data needs a scale > 0 (one host read)."""
-    nonfinite = ~torch.isfinite(absmax)
-    lost = (absmax > 0) & (s == 0)
-    flags = torch.stack((nonfinite.any(), lost.any())).tolist()
-    if flags[0]:
-        seg = nonfinite.nonzero().flatten().tolist()[:5]
+    nonfinite, lost = (f.nonzero().flatten().tolist()[:5] for f in flags[1:])
+    if nonfinite:
         raise ValueError(
-            f"commcomp: {name} contains NaN or Inf (segment(s) {seg}); refusing to encode "
+            f"commcomp: {data} contains NaN or Inf (segment(s) {nonfinite}); refusing to encode "
             "it, since the result would silently be wrong. Check for overflow upstream."
         )
-    if flags[1]:
-        seg = lost.nonzero().flatten().tolist()[:5]
+    raise ValueError(
+        f"commcomp: scale is 0 for segment(s) {lost} whose data is non-zero, so that data "
+        "would be lost; use a scale >= max |x| of each segment (segment_stats(x)[0])."
+    )
+
+
+# Structural checks of raw torch.ops.commcomp calls, for the reference backend (the native
+# kernels run the same checks in C++, csrc/checks.h).
+def _raw_ternarize(x, scales_, segs, seed, offset):
+    float_tensor(x, "x")
+    nseg = len(segments(segs, x.numel()) or [0])
+    scales(scales_, 1, nseg, x.device, "scales")
+    integer(seed, "seed")
+    integer(offset, "offset")
+
+
+def _raw_unpack(packed, numel, scales_, segs, dtype):
+    packed_tensor(packed)
+    integer(numel, "numel")
+    if packed.numel() != (numel + 3) // 4:
+        raise ValueError(f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs {(numel + 3) // 4}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
+    scales(scales_, 1, len(segments(segs, numel) or [0]), packed.device, "scales")
+
+
+def _raw_unpack_accumulate(packed, scales_, segs, out):
+    packed_tensor(packed)
+    float_tensor(out, "out")
+    if packed.dim() != 2 or packed.shape[1] != (out.numel() + 3) // 4:
         raise ValueError(
-            f"commcomp: scale is 0 for segment(s) {seg} whose data is non-zero, so that data "
-            "would be lost; use a scale >= max |x| of each segment (segment_stats(x)[0])."
+            f"commcomp: packed must be [world, {(out.numel() + 3) // 4}], got {tuple(packed.shape)}"
         )
+    scales(scales_, packed.shape[0], len(segments(segs, out.numel()) or [0]), out.device, "scales")
+
+
+def _raw_segment_stats(x, segs):
+    float_tensor(x, "x")
+    segments(segs, x.numel())
+
+
+RAW_CHECKS = {
+    "ternarize_pack": _raw_ternarize,
+    "ternarize_int8": _raw_ternarize,
+    "unpack": _raw_unpack,
+    "unpack_accumulate": _raw_unpack_accumulate,
+    "segment_stats": _raw_segment_stats,
+}

@@ -22,7 +22,7 @@ from typing import Dict
 import torch
 from packaging.version import Version
 
-from . import reference
+from . import _checks, reference
 from ._schemas import SCHEMAS
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,18 @@ def _import_native():
     return _C
 
 
+def _checked_reference(name: str):
+    """The reference twin of op `name`, behind the argument checks the native kernels make."""
+    check, fn = _checks.RAW_CHECKS[name], getattr(reference, name)
+
+    def op(*args):
+        check(*args)
+        return fn(*args)
+
+    op.__name__ = name
+    return op
+
+
 def load() -> Dict[str, str]:
     if BACKENDS:
         return BACKENDS
@@ -88,7 +100,7 @@ def load() -> Dict[str, str]:
     for key, kind in BACKENDS.items():
         if kind == "reference":
             for name in SCHEMAS:
-                impl.impl(name, getattr(reference, name), key)
+                impl.impl(name, _checked_reference(name), key)
     _libraries.append(impl)
     logger.debug("commcomp kernels: %s", BACKENDS)
     return BACKENDS

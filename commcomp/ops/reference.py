@@ -115,12 +115,15 @@ def unpack(packed, numel, scales, segments, dtype) -> torch.Tensor:
 
 def unpack_accumulate(packed, scales, segments, out) -> None:
     """out += sum over rows w (in order) of scales[w, segment] * codes_w, summed in fp32."""
-    numel = out.numel()
+    numel, rows = out.numel(), packed.shape[0]
+    if numel == 0 or rows == 0:
+        return  # like the native kernels: out is not touched
+    packed = packed.reshape(rows, (numel + 3) // 4)
+    scales = scales.reshape(rows, -1)
     acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
-    rows = packed.reshape(packed.shape[0], -1) if packed.dim() > 0 else packed
-    for w in range(rows.shape[0]):
-        s = per_element(scales.reshape(rows.shape[0], -1)[w].float(), segments, numel)
-        acc = acc + unpack_codes(rows[w], numel).float() * s
+    for w in range(rows):
+        s = per_element(scales[w].float(), segments, numel)
+        acc = acc + unpack_codes(packed[w], numel).float() * s
     flat = out.view(-1)
     flat.copy_((flat.float() + acc).to(out.dtype))
 

@@ -14,48 +14,45 @@
 namespace commcomp {
 namespace {
 
-constexpr int kBlock = 64;  // float partial sums over short blocks, then float64
-
+// Two passes over one piece (the second from cache), accumulating in float64 so that large
+// finite values cannot overflow and a large mean cannot swamp the variance. Four independent
+// accumulators keep the adds pipelined; NaN is tracked apart so the max stays branch-free.
 template <typename scalar_t>
 Moments piece_moments(const scalar_t* x, int64_t len) {
-  // Pass 1: sum and max |x|. NaN is tracked apart so that the max loop stays vectorizable.
-  double sum = 0.0;
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};
   float amax = 0.f;
   bool nan = false;
-  for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t e = std::min<int64_t>(kBlock, len - b);
-    float part = 0.f, bmax = 0.f;
-    for (int64_t i = 0; i < e; ++i) {
-      const float v = static_cast<float>(x[b + i]);
+  int64_t i = 0;
+  for (; i + 4 <= len; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      const float v = static_cast<float>(x[i + k]);
       const float a = std::fabs(v);
-      part += v;
-      bmax = a > bmax ? a : bmax;
+      sum[k] += v;
+      amax = a > amax ? a : amax;
       nan |= (v != v);
     }
-    sum += part;
-    amax = bmax > amax ? bmax : amax;
   }
-  const double mean = len > 0 ? sum / static_cast<double>(len) : 0.0;
-  // Pass 2 (the piece is still in cache): centred squares, for an accurate variance.
-  const float mf = static_cast<float>(mean);
-  double m2 = 0.0, shift = 0.0;
-  for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t e = std::min<int64_t>(kBlock, len - b);
-    float sq = 0.f, lin = 0.f;
-    for (int64_t i = 0; i < e; ++i) {
-      const float d = static_cast<float>(x[b + i]) - mf;
-      sq += d * d;
-      lin += d;
+  for (; i < len; ++i) {
+    const float v = static_cast<float>(x[i]);
+    sum[0] += v;
+    amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+    nan |= (v != v);
+  }
+  const double mean = len > 0 ? ((sum[0] + sum[1]) + (sum[2] + sum[3])) / len : 0.0;
+  double m2[4] = {0.0, 0.0, 0.0, 0.0};
+  for (i = 0; i + 4 <= len; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      const double d = static_cast<double>(static_cast<float>(x[i + k])) - mean;
+      m2[k] += d * d;
     }
-    m2 += sq;
-    shift += lin;
   }
-  // Correct for mean - mf (the float rounding of the mean): sum (x - mean)^2 =
-  // sum (x - mf)^2 - (sum (x - mf))^2 / len.
-  if (len > 0) m2 -= shift * shift / static_cast<double>(len);
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
+    m2[0] += d * d;
+  }
   const float nanf = std::numeric_limits<float>::quiet_NaN();
-  // Rounding can leave m2 slightly negative; NaN (from NaN or Inf data) must stay NaN.
-  return Moments{static_cast<double>(len), mean, m2 < 0.0 ? 0.0 : m2, nan ? nanf : amax};
+  return Moments{static_cast<double>(len), mean, (m2[0] + m2[1]) + (m2[2] + m2[3]),
+                 nan ? nanf : amax};
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_stats_cpu(const at::Tensor& x,

@@ -26,13 +26,19 @@ struct DecodeTable {
 };
 const DecodeTable kDecodeTable;
 
-// Codes of x[i0, i0 + len) (one segment, scale s), global index of x[i0] = g0.
-// Fast path: when g0 % 4 == 0, runs of 4 * kLanes elements take one batched Philox call.
+// Codes of x[0, len) (one segment, scale s), global index of x[0] = g0. After a head that
+// brings the global index to a multiple of 4, runs of 4 * kLanes elements share one batched
+// Philox call; the head and the tail draw one counter at a time.
 template <typename scalar_t>
 void ternary_run(const scalar_t* x, int64_t len, float s, uint64_t seed, uint64_t g0,
                  int8_t* codes) {
+  PhiloxStream rng(seed);  // for a misaligned head and the tail: one counter at a time
   int64_t i = 0;
-  if ((g0 & 3u) == 0) {
+  for (const int64_t head = std::min<int64_t>(len, (4 - (g0 & 3u)) & 3u); i < head; ++i) {
+    codes[i] = static_cast<int8_t>(
+        ternary_code(static_cast<float>(x[i]), s, rng.word(g0 + static_cast<uint64_t>(i))));
+  }
+  {  // (g0 + i) % 4 == 0 from here
     PhiloxBatch rb;
     for (; i + 4 * kLanes <= len; i += 4 * kLanes) {
       philox_batch((g0 + i) >> 2, seed, rb);
@@ -41,7 +47,6 @@ void ternary_run(const scalar_t* x, int64_t len, float s, uint64_t seed, uint64_
       }
     }
   }
-  PhiloxStream rng(seed);  // tail, or a misaligned offset: one counter at a time
   for (; i < len; ++i) {
     codes[i] = static_cast<int8_t>(
         ternary_code(static_cast<float>(x[i]), s, rng.word(g0 + static_cast<uint64_t>(i))));

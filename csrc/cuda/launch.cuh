@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace commcomp {
@@ -27,6 +30,25 @@ inline at::Tensor to_device(const std::vector<int64_t>& table, const at::Device&
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(table.begin(), table.end(), host.mutable_data_ptr<int64_t>());
   return host.to(device, at::kLong, /*non_blocking=*/true);
+}
+
+// The device copy of a small host table, cached by (device, contents): a model's buckets
+// reuse the same few segment layouts every step, so after the first call no copy is made,
+// and calls inside a CUDA graph capture (after a warm-up call) capture no host memory.
+// The cache is deliberately leaked: destroying CUDA tensors at exit can outlive the driver.
+inline at::Tensor cached_device_table(const std::vector<int64_t>& table,
+                                      const at::Device& device) {
+  using Key = std::pair<int, std::vector<int64_t>>;
+  static std::mutex* mu = new std::mutex();
+  static std::map<Key, at::Tensor>* cache = new std::map<Key, at::Tensor>();
+  std::lock_guard<std::mutex> lock(*mu);
+  Key key{device.index(), table};
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (cache->size() >= 1024) cache->clear();  // bound the memory for unusual workloads
+  at::Tensor t = to_device(table, device);
+  cache->emplace(std::move(key), t);
+  return t;
 }
 
 // Segment offsets [0, ..., n] on the device. With one segment there is no table (off is
@@ -62,7 +84,7 @@ inline SegTable seg_table(const std::vector<int64_t>& off, const at::Device& dev
                           at::Tensor& holder) {
   const int64_t nseg = static_cast<int64_t>(off.size()) - 1;
   if (nseg == 1) return SegTable{nullptr, 1};
-  holder = to_device(off, device);
+  holder = cached_device_table(off, device);
   return SegTable{holder.const_data_ptr<int64_t>(), nseg};
 }
 

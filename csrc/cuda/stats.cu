@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> segment_stats_cuda(const at::Tensor& x,
   table.insert(table.end(), pieces_of.begin.begin(), pieces_of.begin.end());
   table.insert(table.end(), pieces_of.len.begin(), pieces_of.len.end());
   table.insert(table.end(), pieces_of.first.begin(), pieces_of.first.end());
-  const at::Tensor dtable = gpu::to_device(table, x.device());
+  const at::Tensor dtable = gpu::cached_device_table(table, x.device());
   const int64_t* ptable = dtable.const_data_ptr<int64_t>();
   // Per-piece Moments in a raw device buffer (the caching allocator aligns it for doubles).
   at::Tensor pieces = at::empty({npieces * static_cast<int64_t>(sizeof(Moments))},

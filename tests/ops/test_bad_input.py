@@ -109,3 +109,30 @@ def test_native_ops_check_arguments_themselves(native, device):
         native.ternarize_pack(x, s, None, -3, 0)
     with pytest.raises(RuntimeError, match="packed has 3 bytes"):
         native.unpack(torch.zeros(3, dtype=torch.uint8, device=device), 13, s, None, torch.float32)
+
+
+def test_scale_shapes_and_ranges_are_checked(device):
+    x = torch.randn(10, device=device)
+    with pytest.raises(ValueError, match="does not fit in float32"):
+        ops.ternarize_pack(x, 1e39, seed=0)
+    packed = torch.zeros(2, 3, dtype=torch.uint8, device=device)
+    out = torch.zeros(10, device=device)
+    # [segments, world] instead of [world, segments]: same count, wrong meaning.
+    with pytest.raises(ValueError, match=r"shape \(5, 2\) but \[payloads, segments\] = \[2, 5\]"):
+        ops.unpack_accumulate(packed, torch.ones(5, 2, device=device), out, segments=[2] * 5)
+
+
+def test_zero_payloads_leave_out_untouched(device):
+    out = torch.full((10,), -0.0, device=device)
+    ops.unpack_accumulate(torch.empty(0, 3, dtype=torch.uint8, device=device),
+                          torch.empty(0, device=device), out)
+    assert torch.equal(out.view(torch.int32), torch.full((10,), -0.0, device=device).view(torch.int32))
+
+
+def test_raw_ops_refuse_segments_that_overflow(device):
+    x = torch.randn(4, device=device)
+    big = 2**63 - 1
+    with pytest.raises(ERR, match="segments"):
+        torch.ops.commcomp.segment_stats(x, [big, big, 6])
+    with pytest.raises(ERR, match="segments"):
+        torch.ops.commcomp.ternarize_pack(x, torch.ones(3, device=device), [big, big, 6], 0, 0)

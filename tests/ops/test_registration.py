@@ -1,5 +1,9 @@
 """The operator library: schemas, fake kernels (opcheck), and torch.compile."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -54,10 +58,46 @@ def test_ops_trace_under_torch_compile(device):
 
 @pytest.mark.cuda
 def test_cuda_ops_run_on_current_stream():
+    """Kernels launched under a side stream must queue behind that stream's work, not run on
+    the default stream: with the side stream busy, the default stream stays idle."""
     x = torch.randn(1 << 20, device="cuda")
     s = x.abs().amax().reshape(1)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # keeps the side stream busy for a while
         packed = torch.ops.commcomp.ternarize_pack(x, s, None, 1, 0)
+    assert torch.cuda.default_stream().query()
+    assert not stream.query()
     stream.synchronize()
     assert torch.equal(packed.cpu(), torch.ops.commcomp.ternarize_pack(x.cpu(), s.cpu(), None, 1, 0))
+
+
+FALLBACK = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import commcomp
+    import commcomp.ops
+runtime = [w for w in caught if issubclass(w.category, RuntimeWarning) and "commcomp" in str(w.message)]
+assert len(runtime) == 1, [str(w.message) for w in caught]
+assert commcomp.ops.backend("cpu") == "reference"
+x = torch.randn(10)
+p = commcomp.ops.ternarize_pack(x, x.abs().max(), seed=1)
+assert commcomp.ops.unpack(p, 10, x.abs().max()).shape == (10,)
+try:
+    torch.ops.commcomp.ternarize_pack(x, torch.ones(1), [9], 0, 0)
+except ValueError as e:
+    assert "segments sum to 9" in str(e)
+else:
+    raise AssertionError("raw reference op accepted bad segments")
+print("ok")
+"""
+
+
+def test_reference_fallback_in_a_fresh_process():
+    env = dict(os.environ, COMMCOMP_FORCE_REFERENCE="1")
+    result = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -49,3 +49,21 @@ def test_non_finite_values_propagate_to_absmax(device):
     assert absmax[0].item() == float("inf")
     assert absmax[1].isnan()
     assert absmax[2].item() == 0.0
+
+
+def test_large_finite_values_do_not_overflow(native, ref, device):
+    for values in ([-1e20, 1e20], [3e38, 3e38], [1e37] * 64, [3e38, -3e38] * 10000):
+        x = torch.tensor(values, device=device)
+        a1, s1 = native.segment_stats(x, None)
+        a2, s2 = ref.segment_stats(x, None)
+        assert torch.equal(a1, a2)
+        assert bool(torch.isfinite(s1).all())
+        torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
+
+
+def test_high_mean_over_many_pieces_is_accurate(native, ref, device):
+    g = torch.Generator().manual_seed(1)
+    x = (1e4 + 0.01 * torch.randn(65543, generator=g)).to(device)  # 5 pieces
+    _, s1 = native.segment_stats(x, None)
+    _, s2 = ref.segment_stats(x, None)
+    torch.testing.assert_close(s1, s2, rtol=2e-6, atol=0)

@@ -205,3 +205,41 @@ def test_cuda_bytes_equal_cpu_bytes(dtype):
     a_gpu, s_gpu = ops.segment_stats(xc, lengths)
     assert torch.equal(a_gpu.cpu(), a_cpu)
     torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-5, atol=0)
+
+
+def test_offsets_at_the_ends_of_the_counter_range(native, ref, device):
+    x = make(1001, torch.float32, device, seed=6)
+    s = absmax(x)
+    for offset in (2**34 - 500, 2**34 - 3, 2**63 - 1 - 1001, 2**62 + 1):  # counter hi word flips
+        for seed in (0, 2**63 - 1):
+            assert torch.equal(native.ternarize_pack(x, s, None, seed, offset),
+                               ref.ternarize_pack(x, s, None, seed, offset))
+
+
+def test_misaligned_segments_match_reference(native, ref, device):
+    """Segments whose lengths are not multiples of 4 shift the Philox alignment mid-buffer."""
+    x = make(5003, torch.float32, device, seed=8)
+    lengths = [10, 1, 3, 4989]
+    s = ops.segment_stats(x, lengths)[0]
+    for offset in (0, 1, 2, 3):
+        assert torch.equal(native.ternarize_int8(x, s, lengths, 4, offset),
+                           ref.ternarize_int8(x, s, lengths, 4, offset))
+
+
+def test_ops_are_not_differentiable(device):
+    x = torch.randn(9, device=device, requires_grad=True)
+    s = torch.ones(1, device=device, requires_grad=True)
+    absmax, std = ops.segment_stats(x)
+    assert not absmax.requires_grad and not std.requires_grad
+    y = ops.unpack(ops.ternarize_pack(x, s, seed=0), 9, s)
+    assert not y.requires_grad
+
+
+@pytest.mark.cuda
+def test_cuda_grid_stride_loop_covers_large_tensors():
+    """More packed bytes than one grid of 65535 x 256 threads: the grid-stride loop runs."""
+    n = 65535 * 256 * 4 + 4099
+    x = torch.randn(n, device="cuda")
+    s = x.abs().amax().reshape(1)
+    gpu = ops.ternarize_pack(x, s, seed=1, validate=False)
+    assert torch.equal(gpu.cpu(), ops.ternarize_pack(x.cpu(), s.cpu(), seed=1, validate=False))
