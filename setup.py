@@ -7,6 +7,7 @@ Build against the torch you run: ``pip install --no-build-isolation -e .``.
 
 import glob
 import os
+import sys
 
 import torch
 from packaging.version import Version
@@ -26,8 +27,19 @@ def extensions():
     macros = [("COMMCOMP_TORCH_MAJOR", str(version.major)), ("COMMCOMP_TORCH_MINOR", str(version.minor))]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp in *this*
+        # build its pragmas are ignored and every kernel runs on one thread.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not want_cuda():
-        return [CppExtension("commcomp._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})]
+        return [
+            CppExtension(
+                "commcomp._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                extra_link_args=link,
+            )
+        ]
     macros.append(("COMMCOMP_WITH_CUDA", "1"))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [
@@ -36,6 +48,7 @@ def extensions():
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     ]
 

@@ -14,45 +14,45 @@
 namespace commcomp {
 namespace {
 
-// Two passes over one piece (the second from cache), accumulating in float64 so that large
-// finite values cannot overflow and a large mean cannot swamp the variance. Four independent
-// accumulators keep the adds pipelined; NaN is tracked apart so the max stays branch-free.
+// One pass over one piece in float64, centred on the piece's first value K:
+// mean = K + sum(x - K) / n, m2 = sum (x - K)^2 - (sum (x - K))^2 / n. K is a sample of the
+// piece, so the cancellation costs a few bits of float64 at most, and squares of float data
+// cannot overflow float64. NaN is tracked apart so the loop stays branch-free; four
+// independent accumulators keep the adds pipelined.
 template <typename scalar_t>
 Moments piece_moments(const scalar_t* x, int64_t len) {
-  double sum[4] = {0.0, 0.0, 0.0, 0.0};
-  float amax = 0.f;
+  if (len == 0) return Moments{0.0, 0.0, 0.0, 0.f};
+  const double k0 = static_cast<float>(x[0]);
+  double lin[4] = {0.0, 0.0, 0.0, 0.0}, sq[4] = {0.0, 0.0, 0.0, 0.0};
+  float amax[4] = {0.f, 0.f, 0.f, 0.f};
   bool nan = false;
   int64_t i = 0;
   for (; i + 4 <= len; i += 4) {
     for (int k = 0; k < 4; ++k) {
       const float v = static_cast<float>(x[i + k]);
       const float a = std::fabs(v);
-      sum[k] += v;
-      amax = a > amax ? a : amax;
+      const double d = static_cast<double>(v) - k0;
+      lin[k] += d;
+      sq[k] += d * d;
+      amax[k] = a > amax[k] ? a : amax[k];
       nan |= (v != v);
     }
   }
   for (; i < len; ++i) {
     const float v = static_cast<float>(x[i]);
-    sum[0] += v;
-    amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+    const double d = static_cast<double>(v) - k0;
+    lin[0] += d;
+    sq[0] += d * d;
+    amax[0] = std::fabs(v) > amax[0] ? std::fabs(v) : amax[0];
     nan |= (v != v);
   }
-  const double mean = len > 0 ? ((sum[0] + sum[1]) + (sum[2] + sum[3])) / len : 0.0;
-  double m2[4] = {0.0, 0.0, 0.0, 0.0};
-  for (i = 0; i + 4 <= len; i += 4) {
-    for (int k = 0; k < 4; ++k) {
-      const double d = static_cast<double>(static_cast<float>(x[i + k])) - mean;
-      m2[k] += d * d;
-    }
-  }
-  for (; i < len; ++i) {
-    const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
-    m2[0] += d * d;
-  }
+  const double n = static_cast<double>(len);
+  const double l = (lin[0] + lin[1]) + (lin[2] + lin[3]);
+  const double m2 = ((sq[0] + sq[1]) + (sq[2] + sq[3])) - l * l / n;
+  const float amx = std::max(std::max(amax[0], amax[1]), std::max(amax[2], amax[3]));
   const float nanf = std::numeric_limits<float>::quiet_NaN();
-  return Moments{static_cast<double>(len), mean, (m2[0] + m2[1]) + (m2[2] + m2[3]),
-                 nan ? nanf : amax};
+  // Rounding can leave m2 slightly negative; NaN (from NaN or Inf data) must stay NaN.
+  return Moments{n, k0 + l / n, m2 < 0.0 ? 0.0 : m2, nan ? nanf : amx};
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_stats_cpu(const at::Tensor& x,

@@ -127,6 +127,13 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t numel, const at::Tensor&
       for (int64_t i = b0 * 4; i < i_end;) {
         const float s = sc[seg.at(i)];
         const int64_t stop = std::min(i_end, seg.end());
+        for (; i < stop && (i & 3); ++i) {
+          o[i] = static_cast<scalar_t>(kDecodeTable.v[p[i >> 2]][i & 3] * s);
+        }
+        for (; i + 4 <= stop; i += 4) {  // whole bytes
+          const float* c = kDecodeTable.v[p[i >> 2]];
+          for (int k = 0; k < 4; ++k) o[i + k] = static_cast<scalar_t>(c[k] * s);
+        }
         for (; i < stop; ++i) {
           o[i] = static_cast<scalar_t>(kDecodeTable.v[p[i >> 2]][i & 3] * s);
         }
