@@ -1,0 +1,21 @@
+"""How payloads cross ranks, written once and reused by every hook: non-blocking future
+chaining (:mod:`.futures`), ternary collectives (:mod:`.ternary`) and a cost model
+(:mod:`.cost`) that picks between them."""
+
+from .cost import LinkModel, choose, estimate
+from .futures import CommThread, all_gather, all_reduce, all_to_all, collect, comm_thread, completed, then
+from .ternary import (
+    COLLECTIVES,
+    Encoding,
+    Launched,
+    allgather_packed,
+    int8_allreduce,
+    ring_allreduce_bytes,
+    two_phase,
+)
+
+__all__ = [
+    "COLLECTIVES", "CommThread", "Encoding", "comm_thread", "Launched", "LinkModel", "all_gather", "all_reduce", "all_to_all",
+    "allgather_packed", "choose", "collect", "completed", "estimate", "int8_allreduce",
+    "ring_allreduce_bytes", "then", "two_phase",
+]

@@ -1,0 +1,209 @@
+"""TernGrad as a DDP communication hook (Wen et al., NeurIPS 2017, "TernGrad: Ternary
+Gradients to Reduce Communication in Distributed Deep Learning").
+
+Per bucket, on every rank:
+
+1. Layer-wise scaling: each parameter's gradient (a segment of the bucket) gets its own
+   scalar. With ``clip_factor = c``, a layer is first clipped to ``c * sigma`` (sigma = that
+   layer's standard deviation), so the scalar is ``min(max |g|, c * sigma)``.
+2. Scalar sharing: one small MAX all-reduce gives every rank the same scalars (plus a flag
+   for non-finite gradients), so ternary codes can be summed as integers.
+3. Stochastic ternarization, unbiased: ``s * sign(g)`` with probability ``|g| / s``, else 0,
+   from a Philox stream keyed by (seed, rank, step): independent across ranks and steps,
+   reproducible across runs.
+4. A ternary collective (:mod:`commcomp.collectives`) averages the payloads: ``"int8"``
+   all-reduce, ``"allgather"`` of 2-bit payloads, ``"two_phase"``, or ``"auto"`` (cost model,
+   per bucket size and world size; the choice is logged once per bucket).
+
+Layers smaller than ``min_compress_numel`` travel uncompressed in a fp32 all-reduce. With
+``error_feedback``, what ternarization dropped (``g - decode(payload)``) is added to the next
+step's gradient. If any rank's gradient holds NaN/Inf, the bucket's result is NaN on every
+rank, as with a plain all-reduce, so AMP's GradScaler skips the step; nothing is hidden.
+
+Example::
+
+    >>> state = commcomp.register(ddp_model, "terngrad", clip_factor=2.5)
+    >>> state.metrics["bytes_sent"], state.metrics["bytes_sent_fp32_allreduce"]
+"""
+
+import logging
+import numbers
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from commcomp import collectives, ops
+from commcomp.collectives.futures import all_reduce
+
+from ._common import HookStateBase, bucket_lengths, mix_seed
+
+logger = logging.getLogger(__name__)
+
+COLLECTIVE_NAMES = ("auto", "int8", "allgather", "two_phase")
+
+
+class TernGradState(HookStateBase):
+    """Options and buffers of :func:`terngrad_hook`.
+
+    Args:
+        process_group: the group to average over (default: the whole world).
+        clip_factor: clip each layer to ``clip_factor * sigma`` before ternarizing (paper:
+            2.5). ``None`` turns clipping off (the scalar is then max |g|).
+        collective: ``"auto"`` (default), ``"int8"``, ``"allgather"`` or ``"two_phase"``.
+        error_feedback: keep the ternarization residual and add it to the next gradient.
+        min_compress_numel: layers with fewer elements are sent uncompressed (fp32).
+        seed: base of every rank's random stream; must be the same on all ranks.
+        link: a :class:`commcomp.collectives.LinkModel` for ``"auto"``.
+    """
+
+    name = "terngrad"
+
+    def __init__(self, process_group=None, clip_factor: Optional[float] = 2.5,
+                 collective: str = "auto", error_feedback: bool = False,
+                 min_compress_numel: int = 1024, seed: int = 0,
+                 link: collectives.LinkModel = collectives.LinkModel()):
+        if clip_factor is not None and (
+            isinstance(clip_factor, bool) or not isinstance(clip_factor, numbers.Real) or not clip_factor > 0
+        ):
+            raise ValueError(f"clip_factor must be a number > 0 or None (no clipping), got {clip_factor!r}")
+        if collective not in COLLECTIVE_NAMES:
+            raise ValueError(f"collective must be one of {COLLECTIVE_NAMES}, got {collective!r}")
+        if not isinstance(min_compress_numel, int) or min_compress_numel < 0:
+            raise ValueError(f"min_compress_numel must be an int >= 0, got {min_compress_numel!r}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        super().__init__(process_group)
+        self.clip_factor = None if clip_factor is None else float(clip_factor)
+        self.collective = collective
+        self.error_feedback = bool(error_feedback)
+        self.min_compress_numel = min_compress_numel
+        self.seed = seed
+        self.link = link
+        self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
+        self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
+
+    def options(self) -> dict:
+        return {"clip_factor": self.clip_factor, "collective": self.collective,
+                "error_feedback": self.error_feedback, "min_compress_numel": self.min_compress_numel,
+                "seed": self.seed}
+
+    def _extra_state(self) -> dict:
+        if any(not isinstance(k, str) for k in self.residuals):
+            raise RuntimeError(
+                "commcomp: error-feedback residuals are kept per parameter and saved by name, "
+                "but this state does not know the names: create it with commcomp.register(...) "
+                "or call state.attach(ddp_model) before training"
+            )
+        return {"residuals": {k: v.detach().cpu() for k, v in self.residuals.items()}}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.residuals = {str(k): v.clone() for k, v in extra.get("residuals", {}).items()}
+
+    def collective_for(self, bucket_index: int, numel: int) -> str:
+        if (bucket_index, numel) not in self.choices:
+            name = self.collective
+            if name == "auto":
+                name = collectives.choose(numel, self.world_size, self.link)
+            if name == "int8" and self.world_size > collectives.ternary.INT8_MAX_WORLD:
+                logger.info("terngrad: %d ranks: int8 sums widen to int32", self.world_size)
+            self.choices[(bucket_index, numel)] = name
+            logger.info("terngrad: bucket %d (%d elements, %d ranks) uses the %s collective",
+                        bucket_index, numel, self.world_size, name)
+        return self.choices[(bucket_index, numel)]
+
+
+def _scales(g: torch.Tensor, lengths: List[int], clip_factor: Optional[float]) -> torch.Tensor:
+    """Per layer: min(max |g|, c * sigma), or max |g| where unclipped or sigma = 0; plus a last
+    element that is 1 where the data is not finite (max-reduced across ranks with the rest)."""
+    absmax, std = ops.segment_stats(g, lengths)
+    scales = absmax
+    if clip_factor is not None:
+        scales = torch.where(std > 0, torch.minimum(absmax, clip_factor * std), absmax)
+    bad = (~torch.isfinite(absmax)).any().to(torch.float32).reshape(1)
+    return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
+
+
+def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
+    """DDP communication hook: average the bucket's gradients as TernGrad ternary payloads.
+
+    The bucket's exchange runs on commcomp's communication thread (one global order of
+    collectives on every rank); the backward pass goes on meanwhile.
+    """
+    buf = bucket.buffer()
+    index, step, lengths = bucket.index(), state.step, bucket_lengths(bucket)
+    x = buf.detach().to(torch.float32, copy=True)
+    keys = [state.param_key(p) for p in bucket.parameters()] if state.error_feedback else []
+    if keys and len(keys) == len(lengths):  # residuals are per parameter: DDP may rebuild buckets
+        pos = 0
+        for key, n in zip(keys, lengths):
+            if key in state.residuals:
+                x[pos:pos + n] += state.residuals[key].to(x.device)
+            pos += n
+    if bucket.is_last():
+        state.step += 1
+    job = lambda: _reduce_bucket(state, index, step, x, lengths, buf, keys)  # noqa: E731
+    return collectives.comm_thread().submit(job, buf)
+
+
+def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
+                   lengths: List[int], buf: torch.Tensor, keys: list) -> torch.Tensor:
+    """The whole exchange of one bucket (on the communication thread: waits are fine)."""
+    state.check_first_step(buf.device)
+    world = state.world_size
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    comp = [k for k, n in enumerate(lengths) if n > 0 and n >= state.min_compress_numel]
+    raw = [k for k, n in enumerate(lengths) if n > 0 and n < state.min_compress_numel]
+    gather = lambda ks: torch.cat([x[bounds[k]:bounds[k + 1]] for k in ks])  # noqa: E731
+    out = torch.empty_like(x)
+    state.add_fp32_bytes(collectives.ring_allreduce_bytes(4 * x.numel(), world))
+    raw_fut = None
+    if raw:  # small layers: a plain fp32 all-reduce, overlapping the ternary exchange
+        raw_x = gather(raw)
+        raw_fut = all_reduce(raw_x, group=state.process_group)
+        state.add_bytes(collectives.ring_allreduce_bytes(4 * raw_x.numel(), world))
+    if comp:
+        comp_x = gather(comp)
+        avg, own = _ternary_average(state, index, step, comp_x, [lengths[k] for k in comp])
+        _scatter(out, avg, comp, bounds)
+        if state.error_feedback and len(keys) == len(lengths):  # what ternarization dropped
+            dropped, pos = comp_x - own, 0
+            for k in comp:
+                n = lengths[k]
+                state.residuals[keys[k]] = dropped[pos:pos + n].clone()
+                pos += n
+    if raw_fut is not None:
+        _scatter(out, raw_fut.wait() / world, raw, bounds)
+    buf.copy_(out)
+    return buf
+
+
+def _scatter(out: torch.Tensor, packed: torch.Tensor, ks: List[int], bounds: List[int]) -> None:
+    """Write the concatenated segments `ks` of `packed` back to their places in `out`."""
+    pos = 0
+    for k in ks:
+        n = bounds[k + 1] - bounds[k]
+        out[bounds[k]:bounds[k + 1]] = packed[pos:pos + n]
+        pos += n
+
+
+def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tensor,
+                     lengths: List[int]):
+    """Share the scales (MAX all-reduce), then average the ternary payloads. Returns the
+    average (NaN everywhere if any rank's data was not finite) and this rank's own decode."""
+    stats = _scales(x, lengths, state.clip_factor)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=state.process_group)
+    state.add_bytes(collectives.ring_allreduce_bytes(4 * stats.numel(), state.world_size))
+    name = state.collective_for(index, x.numel())
+    enc = collectives.Encoding(stats[:-1].contiguous(), lengths,
+                               mix_seed(state.seed, state.rank, step, 0), index << 40)
+    kwargs = {"seed2": mix_seed(state.seed, state.rank, step, 1)} if name == "two_phase" else {}
+    launched = collectives.COLLECTIVES[name](x, enc, state.process_group,
+                                             want_own=state.error_feedback, **kwargs)
+    state.add_bytes(launched.bytes_sent)
+    avg = launched.future.wait()
+    avg = torch.where(stats[-1] > 0, torch.full_like(avg, float("nan")), avg)
+    return avg, launched.own

@@ -1,0 +1,90 @@
+"""The ternary collectives against an independent computation of the same average."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from commcomp import collectives, ops
+from commcomp.collectives import Encoding
+from commcomp.ops.reference import per_element
+from tests._dist import rank_tensor, spawn
+
+LENGTHS = [500, 3, 0, 501]  # odd sizes: chunks and bytes straddle segments
+N = sum(LENGTHS)
+
+
+def shared_scales(world, dtype):
+    xs = [rank_tensor(r, N, dtype) for r in range(world)]
+    return xs, torch.stack([ops.segment_stats(x, LENGTHS)[0] for x in xs]).amax(0)
+
+
+def exact_average(xs, scales, world):
+    """mean_r decode(code_r), from the codes every rank would draw (seed 100 + r, offset 8)."""
+    codes = [ops.ternarize_int8(x, scales, 100 + r, 8, segments=LENGTHS) for r, x in enumerate(xs)]
+    return sum(c.to(torch.int32) for c in codes).float() * per_element(scales, LENGTHS, N) / world
+
+
+def requantized_average(avg, scales, world):
+    """What two_phase(requantize=True) must return: each owner's chunk re-ternarized."""
+    chunk = -(-((N + 3) // 4) // world)
+    out = torch.zeros(N)
+    for owner in range(world):
+        e0, e1 = min(4 * chunk * owner, N), min(4 * chunk * (owner + 1), N)
+        lens, idx = collectives.ternary.slice_segments(LENGTHS, e0, e1)
+        if e1 > e0:
+            codes = ops.ternarize_int8(avg[e0:e1].contiguous(), scales[idx], 200 + owner, 8 + e0, segments=lens)
+            out[e0:e1] = codes.float() * per_element(scales[idx], lens, e1 - e0)
+    return out
+
+
+def run_collective(rank, world, name, dtype):
+    xs, scales = shared_scales(world, dtype)
+    enc = Encoding(scales, LENGTHS, seed=100 + rank, offset=8)
+    kwargs = {}
+    if name.startswith("two_phase"):
+        kwargs = {"seed2": 200 + rank, "requantize": name == "two_phase"}
+    fn = collectives.COLLECTIVES[name.replace("_exact", "")]
+    launched = fn(xs[rank], enc, None, want_own=True, **kwargs)
+    got = launched.future.wait()
+    avg = exact_average(xs, scales, world)
+    if name == "two_phase":
+        want = requantized_average(avg, scales, world)
+    else:
+        want = avg
+    if name == "allgather":  # a float32 running sum of +-s: may round differently in the last bit
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+    else:
+        assert torch.equal(got, want)
+    # This rank's own decoded payload, for error feedback.
+    own = ops.ternarize_int8(xs[rank], scales, 100 + rank, 8, segments=LENGTHS).float()
+    assert torch.equal(launched.own, own * per_element(scales, LENGTHS, N))
+    # Every rank ends with the same bytes: replicas stay in sync.
+    every = [torch.empty_like(got) for _ in range(world)]
+    dist.all_gather(every, got)
+    assert all(torch.equal(e, got) for e in every)
+    assert launched.bytes_sent > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["int8", "allgather", "two_phase_exact", "two_phase"])
+def test_collective_equals_exact_average(tmp_path, world, name):
+    spawn(run_collective, world, tmp_path, name, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["int8", "allgather", "two_phase"])
+def test_collective_bf16_input(tmp_path, name):
+    spawn(run_collective, 2, tmp_path, name, torch.bfloat16)
+
+
+def test_bytes_per_rank_stay_flat_for_two_phase():
+    n = 1 << 20
+    for w in (2, 4, 8, 16):
+        t2 = collectives.estimate("two_phase", n, w, collectives.LinkModel(latency_s=0, codec_s_per_element=0))
+        ag = collectives.estimate("allgather", n, w, collectives.LinkModel(latency_s=0, codec_s_per_element=0))
+        assert t2 <= 2 * n / 4 / 1.25e8 * 1.0001  # < 2 * n/4 bytes whatever W
+        assert ag >= t2 * (w - 1) / 2 - 1e-12
+
+
+def test_auto_choice_depends_on_world_size():
+    assert collectives.choose(1 << 22, 2) == "allgather"
+    assert collectives.choose(1 << 22, 16) == "two_phase"

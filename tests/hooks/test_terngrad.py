@@ -1,0 +1,166 @@
+"""TernGrad through real DDP on gloo: unbiasedness across several buckets, every collective,
+bf16 gradients, uncompressed small layers, NaN propagation, option checks, checkpoints."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
+from commcomp.hooks import TernGradState
+from tests._dist import spawn
+
+
+def make_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 25), nn.ReLU(), nn.Linear(25, 5)).to(dtype)
+
+
+def rank_batch(rank, dtype=torch.float32):
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(16, 20, generator=g).to(dtype), torch.randn(16, 5, generator=g).to(dtype)
+
+
+def local_grads(model, rank, dtype):
+    model.zero_grad()
+    x, y = rank_batch(rank, dtype)
+    ((model(x) - y) ** 2).mean().backward()
+    return [p.grad.detach().float().clone() for p in model.parameters()]
+
+
+def true_mean(world, dtype):
+    """mean_r of every rank's local gradient, computed on this rank without DDP."""
+    model = make_model(dtype)
+    per_rank = [local_grads(model, r, dtype) for r in range(world)]
+    return [torch.stack(gs).mean(0) for gs in zip(*per_rank)], per_rank
+
+
+def ddp_model(dtype, **options):
+    model = DDP(make_model(dtype), bucket_cap_mb=0.001)  # ~250 floats: several buckets
+    state = commcomp.register(model, "terngrad", **options)
+    return model, state
+
+
+def run_unbiased(rank, world, collective, dtype, steps):
+    model, state = ddp_model(dtype, clip_factor=None, collective=collective, min_compress_numel=0, seed=7)
+    mean, per_rank = true_mean(world, dtype)
+    # Shared scale per layer without clipping: max over ranks of max |g_r|.
+    scales = [torch.stack([g[k].abs().max() for g in per_rank]).max() for k in range(len(mean))]
+    total = [torch.zeros_like(m) for m in mean]
+    for _ in range(steps):
+        grads = local_grads(model, rank, dtype)  # through DDP and the hook
+        for t, g in zip(total, grads):
+            t += g
+    requantized = "two_phase" in state.choices.values()
+    for t, m, s in zip(total, mean, scales):
+        # Per element, one step: the mean of W codes * s has variance <= s^2 / (4 W); two_phase
+        # re-ternarizes that mean, adding <= s^2 / 4. Over K steps divide by K; allow 5 sigma,
+        # plus bf16 rounding of the result when the model is bf16.
+        var = s**2 / (4 * world) + (s**2 / 4 if requantized else 0)
+        tol = 5 * (var / steps) ** 0.5 + (2**-8 * s if dtype == torch.bfloat16 else 0)
+        assert bool(((t / steps - m).abs() <= tol).all()), ((t / steps - m).abs().max(), tol)
+    assert state.step == steps
+    ratio = state.compression_ratio()
+    assert ratio > (8 if collective != "int8" else 3), ratio
+
+
+@pytest.mark.parametrize("collective", ["auto", "int8", "allgather", "two_phase"])
+def test_hook_is_unbiased_over_steps(tmp_path, collective):
+    spawn(run_unbiased, 2, tmp_path, collective, torch.float32, 150)
+
+
+def test_hook_four_ranks_bf16(tmp_path):
+    spawn(run_unbiased, 4, tmp_path, "two_phase", torch.bfloat16, 100)
+
+
+def run_uncompressed(rank, world):
+    model, state = ddp_model(torch.float32, min_compress_numel=10**9)
+    mean, _ = true_mean(world, torch.float32)
+    for g, m in zip(local_grads(model, rank, torch.float32), mean):
+        torch.testing.assert_close(g, m, rtol=1e-6, atol=1e-7)
+    assert state.metrics["bytes_sent"] == state.metrics["bytes_sent_fp32_allreduce"]
+
+
+def test_small_layers_travel_uncompressed_and_exact(tmp_path):
+    spawn(run_uncompressed, 2, tmp_path)
+
+
+def run_nan(rank, world):
+    model, _ = ddp_model(torch.float32, min_compress_numel=0)
+    x, y = rank_batch(rank)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    ((model(x) - y) ** 2).mean().backward()
+    for p in model.parameters():  # every bucket saw a NaN on rank 1: NaN everywhere
+        assert bool(p.grad.isnan().any()), "a non-finite gradient was hidden"
+
+
+def test_nan_on_one_rank_reaches_every_rank(tmp_path):
+    spawn(run_nan, 2, tmp_path)
+
+
+def run_mismatch(rank, world):
+    model = DDP(make_model(), bucket_cap_mb=0.001)
+    commcomp.register(model, "terngrad", clip_factor=2.5 if rank == 0 else 2.0)
+    with pytest.raises(RuntimeError, match="ranks disagree on the hook's options"):
+        local_grads(model, rank, torch.float32)
+
+
+def test_ranks_with_different_options_fail_clearly(tmp_path):
+    spawn(run_mismatch, 2, tmp_path)
+
+
+def run_checkpoint(rank, world):
+    model, state = ddp_model(torch.float32, error_feedback=True, min_compress_numel=0)
+    for _ in range(3):
+        local_grads(model, rank, torch.float32)
+    saved = state.state_dict()
+    assert saved["step"] == 3 and saved["residuals"] and "process_group" not in saved["options"]
+    assert set(saved["residuals"]) == {n for n, _ in model.named_parameters()}
+    fresh = TernGradState(error_feedback=True, min_compress_numel=0)
+    fresh.load_state_dict(saved)
+    assert fresh.step == 3 and fresh.metrics == state.metrics
+    assert all(torch.equal(fresh.residuals[k], v) for k, v in state.residuals.items())
+    unnamed = TernGradState(error_feedback=True, min_compress_numel=0)
+    unnamed.residuals[object()] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="saved by name"):
+        unnamed.state_dict()
+    with pytest.raises(ValueError, match="checkpoint options differ"):
+        TernGradState(error_feedback=False, min_compress_numel=0).load_state_dict(saved)
+
+
+def test_state_dict_round_trip(tmp_path):
+    spawn(run_checkpoint, 2, tmp_path)
+
+
+def run_bad_options(rank, world):
+    for bad in ({"clip_factor": 0}, {"collective": "ring"}, {"min_compress_numel": -1}, {"seed": -1}):
+        with pytest.raises(ValueError):
+            TernGradState(**bad)
+    with pytest.raises(ValueError, match="unknown hook 'ternary'; available"):
+        commcomp.register(DDP(make_model()), "ternary")
+    with pytest.raises(TypeError, match="needs a DistributedDataParallel"):
+        commcomp.register(make_model(), "terngrad")
+
+
+def test_bad_options_are_refused(tmp_path):
+    spawn(run_bad_options, 2, tmp_path)
+
+
+def run_error_feedback(rank, world, steps):
+    model, state = ddp_model(torch.float32, clip_factor=None, error_feedback=True, min_compress_numel=0)
+    mean, _ = true_mean(world, torch.float32)
+    total = [torch.zeros_like(m) for m in mean]
+    for _ in range(steps):
+        for t, g in zip(total, local_grads(model, rank, torch.float32)):
+            t += g
+    # sum_t out_t = K * mean - mean_r e_K^r exactly (telescoping residuals): the error of the
+    # average is at most max |residual| / K, far below the 1/sqrt(K) of plain TernGrad.
+    worst = torch.stack([r.abs().max() for r in state.residuals.values()]).max()
+    torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    for t, m in zip(total, mean):
+        assert float((t / steps - m).abs().max()) <= float(worst) / steps + 1e-6
+
+
+def test_error_feedback_telescopes(tmp_path):
+    spawn(run_error_feedback, 2, tmp_path, 40)
