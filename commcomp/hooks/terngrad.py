@@ -133,7 +133,12 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     """
     buf = bucket.buffer()
     index, step, lengths = bucket.index(), state.step, bucket_lengths(bucket)
-    x = buf.detach().to(torch.float32, copy=True)
+    # fp32 without error feedback: encode the bucket in place (no staging copy; DDP leaves the
+    # buffer alone until the future completes). Otherwise a float32 working copy.
+    if buf.dtype == torch.float32 and not state.error_feedback:
+        x = buf.detach()
+    else:
+        x = buf.detach().to(torch.float32, copy=True)
     keys = [state.param_key(p) for p in bucket.parameters()] if state.error_feedback else []
     if keys and len(keys) == len(lengths):  # residuals are per parameter: DDP may rebuild buckets
         pos = 0
@@ -157,24 +162,21 @@ def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
         bounds.append(bounds[-1] + n)
     comp = [k for k, n in enumerate(lengths) if n > 0 and n >= state.min_compress_numel]
     raw = [k for k, n in enumerate(lengths) if n > 0 and n < state.min_compress_numel]
-    gather = lambda ks: torch.cat([x[bounds[k]:bounds[k + 1]] for k in ks])  # noqa: E731
-    out = torch.empty_like(x)
     state.add_fp32_bytes(collectives.ring_allreduce_bytes(4 * x.numel(), world))
     raw_fut = None
-    if raw:  # small layers: a plain fp32 all-reduce, overlapping the ternary exchange
-        raw_x = gather(raw)
+    if raw:  # small layers: exact fp32 all-reduce, overlapping the ternary exchange
+        raw_x = torch.cat([x[bounds[k]:bounds[k + 1]] for k in raw])
         raw_fut = all_reduce(raw_x, group=state.process_group)
         state.add_bytes(collectives.ring_allreduce_bytes(4 * raw_x.numel(), world))
     if comp:
-        comp_x = gather(comp)
-        avg, own = _ternary_average(state, index, step, comp_x, [lengths[k] for k in comp])
-        _scatter(out, avg, comp, bounds)
+        # The whole bucket is encoded, small layers too (their few codes are overwritten by
+        # the exact values below): no gather or scatter passes over the large layers.
+        out, own = _ternary_average(state, index, step, x, lengths)
         if state.error_feedback and len(keys) == len(lengths):  # what ternarization dropped
-            dropped, pos = comp_x - own, 0
             for k in comp:
-                n = lengths[k]
-                state.residuals[keys[k]] = dropped[pos:pos + n].clone()
-                pos += n
+                state.residuals[keys[k]] = (x[bounds[k]:bounds[k + 1]] - own[bounds[k]:bounds[k + 1]]).clone()
+    else:
+        out = torch.empty_like(x)
     if raw_fut is not None:
         _scatter(out, raw_fut.wait() / world, raw, bounds)
     buf.copy_(out)
