@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,12 +49,6 @@ def then(fut: Future, fn: Callable[[Future], object], like: torch.Tensor) -> Fut
     return result
 
 
-def completed(value: torch.Tensor) -> Future:
-    fut = new_future(value)
-    fut.set_result(value)
-    return fut
-
-
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> Future:
     """In-place all-reduce of t; the future's value is t."""
     work = dist.all_reduce(t, op=op, group=group, async_op=True)
@@ -78,12 +72,6 @@ def all_to_all(t: torch.Tensor, group=None) -> Future:
     out = torch.empty_like(t)
     work = dist.all_to_all_single(out, t, group=group, async_op=True)
     return work.get_future().then(lambda _: out)
-
-
-def collect(futures: Sequence[Future], like: torch.Tensor, fn: Optional[Callable] = None) -> Future:
-    """Completes when all futures do, with fn([values]) (or the list of values)."""
-    all_done = torch.futures.collect_all(list(futures))
-    return then(all_done, lambda f: (fn or (lambda v: v))([x.value() for x in f.value()]), like)
 
 
 class CommThread:
