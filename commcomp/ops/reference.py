@@ -31,14 +31,16 @@ def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (p_hi >> 16) + (mid >> 32), mid & _MASK32
 
 
-def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
-    """Philox4x32-10 of int64 ``counters`` (as counter ``(lo32, hi32, 0, 0)``), key ``seed``.
+def philox4x32_10(counters: torch.Tensor, seed: int, tag: int = 0) -> torch.Tensor:
+    """Philox4x32-10 of int64 ``counters`` (as counter ``(lo32, hi32, tag, 0)``), key ``seed``.
 
-    Returns an int64 tensor of shape ``counters.shape + (4,)`` holding the four uint32 words.
+    ``tag`` separates independent streams under one seed (the ternary codec uses 0; the
+    sketches use the ``TAG_*`` constants below). Returns an int64 tensor of shape
+    ``counters.shape + (4,)`` holding the four uint32 words.
     """
     c0 = counters & _MASK32
     c1 = counters >> 32
-    c2 = torch.zeros_like(counters)
+    c2 = torch.full_like(counters, tag & _MASK32)
     c3 = torch.zeros_like(counters)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
@@ -140,3 +142,107 @@ def segment_stats(x, segments) -> Tuple[torch.Tensor, torch.Tensor]:
         absmax.append(part.abs().amax())
         std.append(part.double().std(correction=0).float())
     return torch.stack(absmax), torch.stack(std)
+
+
+# ---------------------------------------------------------------------------------------
+# Sketches (Song et al. 2022): linear maps R (s x d) with E[R^T R] = I, never materialized.
+# The rules live in csrc/sketch.h; every draw is Philox4x32-10 keyed by the shared seed,
+# counter (lo32(j), hi32(j), TAG, 0), so element j's hash does not depend on the tensor's
+# length or on the backend.
+
+TAG_COUNTSKETCH = 0x43534B31  # "CSK1": bucket (words 0, 1) and sign (word 2) of input j
+TAG_SRHT_SIGN = 0x53524431  # "SRD1": random sign of input j (word 0, bit 0)
+TAG_SRHT_ROW = 0x53525231  # "SRR1": sampled row of output k (words 0, 1)
+
+
+def uniform_index(w0: torch.Tensor, w1: torch.Tensor, n: int) -> torch.Tensor:
+    """floor(u * n / 2^64) for u = w1 * 2^32 + w0: an index in [0, n), n < 2^31, unbiased to
+    n / 2^64. Computed as (w1 * n + ((w0 * n) >> 32)) >> 32, exact in int64."""
+    return (w1 * n + ((w0 * n) >> 32)) >> 32
+
+
+def countsketch_hash(numel: int, sketch_size: int, seed: int, device=None):
+    """(bucket, sign) of each input index: bucket in [0, sketch_size), sign in {+1, -1}."""
+    j = torch.arange(numel, dtype=torch.int64, device=device)
+    w = philox4x32_10(j, seed, TAG_COUNTSKETCH)
+    bucket = uniform_index(w[:, 0], w[:, 1], sketch_size)
+    sign = 1.0 - 2.0 * (w[:, 2] & 1).float()
+    return bucket, sign
+
+
+def countsketch(x, sketch_size, seed) -> torch.Tensor:
+    """y[h(j)] += sign(j) * x[j], in float32 (Charikar et al. 2002)."""
+    flat = x.reshape(-1).float()
+    bucket, sign = countsketch_hash(flat.numel(), sketch_size, seed, flat.device)
+    y = torch.zeros(sketch_size, dtype=torch.float32, device=flat.device)
+    return y.index_add_(0, bucket, flat * sign)
+
+
+def countsketch_transpose(y, numel, seed) -> torch.Tensor:
+    """out[j] = sign(j) * y[h(j)]: R^T y, exact (one product per element)."""
+    bucket, sign = countsketch_hash(numel, y.numel(), seed, y.device)
+    return y.reshape(-1).float()[bucket] * sign
+
+
+def srht_padded(numel: int, block: int) -> int:
+    """Inputs are zero-padded to whole blocks: n = ceil(numel / block) * block."""
+    return -(-numel // block) * block
+
+
+def srht_scale(numel: int, sketch_size: int, block: int) -> float:
+    """sqrt(n / s) / sqrt(block), rounded once to float32 (the same constant everywhere)."""
+    n = srht_padded(numel, block)
+    return float(torch.tensor((n / sketch_size) ** 0.5 / block**0.5, dtype=torch.float32))
+
+
+def srht_rows(numel: int, sketch_size: int, block: int, seed: int, device=None) -> torch.Tensor:
+    """The sampled rows: all n rows in order when s == n (R orthogonal), else s rows drawn
+    uniformly with replacement (so E[P^T P] = s / n * I exactly)."""
+    n = srht_padded(numel, block)
+    k = torch.arange(sketch_size, dtype=torch.int64, device=device)
+    if sketch_size == n:
+        return k
+    w = philox4x32_10(k, seed, TAG_SRHT_ROW)
+    return uniform_index(w[:, 0], w[:, 1], n)
+
+
+def srht_signs(numel: int, seed: int, device=None) -> torch.Tensor:
+    j = torch.arange(numel, dtype=torch.int64, device=device)
+    return 1.0 - 2.0 * (philox4x32_10(j, seed, TAG_SRHT_SIGN)[:, 0] & 1).float()
+
+
+def fwht_(v: torch.Tensor, block: int) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform of each block of ``v`` (float32, in place),
+    stages h = 1, 2, 4, ... in that order: (a, b) -> (a + b, a - b). Any implementation
+    that keeps this stage order rounds identically."""
+    rows = v.view(-1, block)
+    h = 1
+    while h < block:
+        pairs = rows.view(rows.shape[0], block // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :].clone(), pairs[:, :, 1, :].clone()
+        pairs[:, :, 0, :] = a + b
+        pairs[:, :, 1, :] = a - b
+        h *= 2
+    return v
+
+
+def srht(x, sketch_size, block, seed) -> torch.Tensor:
+    """y = sqrt(n/s) * P (blockdiag H_block / sqrt(block)) D pad(x) (Ailon & Chazelle 2006;
+    block-diagonal so each transform stays in cache)."""
+    flat = x.reshape(-1).float()
+    numel = flat.numel()
+    v = torch.zeros(srht_padded(numel, block), dtype=torch.float32, device=flat.device)
+    v[:numel] = flat * srht_signs(numel, seed, flat.device)
+    fwht_(v, block)
+    rows = srht_rows(numel, sketch_size, block, seed, flat.device)
+    return v[rows] * srht_scale(numel, sketch_size, block)
+
+
+def srht_transpose(y, numel, block, seed) -> torch.Tensor:
+    """R^T y: scatter-add the scaled rows (duplicates add in index order), transform, sign."""
+    sketch_size = y.numel()
+    rows = srht_rows(numel, sketch_size, block, seed, y.device)
+    v = torch.zeros(srht_padded(numel, block), dtype=torch.float32, device=y.device)
+    v.index_add_(0, rows, y.reshape(-1).float() * srht_scale(numel, sketch_size, block))
+    fwht_(v, block)
+    return v[:numel] * srht_signs(numel, seed, y.device)
