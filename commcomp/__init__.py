@@ -4,11 +4,15 @@ The kernels (:mod:`commcomp.ops`) come first; collectives (:mod:`commcomp.collec
 their payloads; the DDP communication hooks (:mod:`commcomp.hooks`) build on both::
 
     state = commcomp.register(ddp_model, "terngrad")
+    state = commcomp.register(ddp_model, "sketch_dp", sketch_ratio=0.01, noise_multiplier=1.0, clip_norm=1.0)
+
+:mod:`commcomp.codecs` holds the stateless codecs (sketches); :mod:`commcomp.privacy` the DP
+clipping, noise and accounting.
 """
 
-from commcomp import collectives, hooks, ops
+from commcomp import codecs, collectives, hooks, ops, privacy
 from commcomp.hooks import register
 
 __version__ = "0.1.0"
 
-__all__ = ["collectives", "hooks", "ops", "register", "__version__"]
+__all__ = ["codecs", "collectives", "hooks", "ops", "privacy", "register", "__version__"]

@@ -1,6 +1,8 @@
 """DDP communication hooks, one module per algorithm, and one registry for all of them.
 
 >>> state = commcomp.register(ddp_model, "terngrad", clip_factor=2.5)
+>>> state = commcomp.register(ddp_model, "sketch_dp", sketch_ratio=0.01, noise_multiplier=1.0,
+...                           clip_norm=1.0)
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple, Type
 
 from ._common import HookStateBase
+from .sketch_dp import SketchDPState, sketch_dp_hook
 from .terngrad import TernGradState, terngrad_hook
 
 HOOKS: Dict[str, Tuple[Type[HookStateBase], Callable]] = {
     "terngrad": (TernGradState, terngrad_hook),
+    "sketch_dp": (SketchDPState, sketch_dp_hook),
 }
 
 
@@ -35,4 +39,5 @@ def register(model, name: str, **options) -> HookStateBase:
     return state
 
 
-__all__ = ["HOOKS", "HookStateBase", "TernGradState", "register", "terngrad_hook"]
+__all__ = ["HOOKS", "HookStateBase", "SketchDPState", "TernGradState", "register", "sketch_dp_hook",
+           "terngrad_hook"]

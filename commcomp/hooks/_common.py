@@ -33,23 +33,28 @@ def bucket_lengths(bucket: dist.GradBucket) -> List[int]:
     return lengths
 
 
-def _fingerprint(options: dict) -> int:
-    text = json.dumps(options, sort_keys=True, default=str)
+def _fingerprint(value) -> int:
+    text = json.dumps(value, sort_keys=True, default=str)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
 def check_same_options(options: dict, world: int, group, device) -> None:
-    """All-gathers a fingerprint of `options`; raises on every rank if any rank differs."""
-    mine = torch.tensor([_fingerprint(options)], dtype=torch.int64, device=device)
+    """All-gathers a fingerprint of each option; raises on every rank, naming the options
+    that differ, if any rank's differ from rank 0's."""
+    keys = sorted(options)
+    mine = torch.tensor([_fingerprint(keys)] + [_fingerprint(options[k]) for k in keys],
+                        dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    values = [int(t.item()) for t in every]  # once, at the first step
-    if len(set(values)) > 1:
-        odd = [r for r, v in enumerate(values) if v != values[0]]
+    table = torch.stack(every).cpu()  # once, at the first step
+    odd = [r for r in range(world) if not torch.equal(table[r], table[0])]
+    if odd:
+        differ = [k for i, k in enumerate(keys) if bool((table[:, i + 1] != table[0, i + 1]).any())]
         raise RuntimeError(
-            f"commcomp: ranks disagree on the hook's options (rank(s) {odd} differ from rank 0; "
-            f"this rank has {options}). Every rank must register the hook with the same "
-            "options and seed, or their payloads cannot be combined."
+            f"commcomp: ranks disagree on the hook's options {differ or '(option names)'}: "
+            f"rank(s) {odd} differ from rank 0; this rank (rank {dist.get_rank(group)}) has "
+            f"{ {k: options[k] for k in differ} or options}. Every rank must register the hook "
+            "with the same options and seeds, or their payloads cannot be combined."
         )
 
 

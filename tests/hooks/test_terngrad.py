@@ -3,36 +3,12 @@ bf16 gradients, uncompressed small layers, NaN propagation, option checks, check
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from commcomp.hooks import TernGradState
 from tests._dist import spawn
-
-
-def make_model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 25), nn.ReLU(), nn.Linear(25, 5)).to(dtype)
-
-
-def rank_batch(rank, dtype=torch.float32):
-    g = torch.Generator().manual_seed(rank)
-    return torch.randn(16, 20, generator=g).to(dtype), torch.randn(16, 5, generator=g).to(dtype)
-
-
-def local_grads(model, rank, dtype):
-    model.zero_grad()
-    x, y = rank_batch(rank, dtype)
-    ((model(x) - y) ** 2).mean().backward()
-    return [p.grad.detach().float().clone() for p in model.parameters()]
-
-
-def true_mean(world, dtype):
-    """mean_r of every rank's local gradient, computed on this rank without DDP."""
-    model = make_model(dtype)
-    per_rank = [local_grads(model, r, dtype) for r in range(world)]
-    return [torch.stack(gs).mean(0) for gs in zip(*per_rank)], per_rank
+from tests.hooks._models import local_grads, make_model, rank_batch, true_mean
 
 
 def ddp_model(dtype, **options):

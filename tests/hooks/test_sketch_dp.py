@@ -1,0 +1,296 @@
+"""The sketch + DP hook through real DDP on gloo: the all-reduced sketches are the sketch of
+the sum, an orthogonal sketch without noise reproduces the plain average, clipping bounds
+each rank, epsilon matches an independent dp-accounting computation, seeds are checked,
+non-finite gradients fail on every rank without touching the model, checkpoints round-trip,
+and record-level DP runs on Opacus' per-sample gradients."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
+from commcomp.codecs import Sketch, sketch_size
+from commcomp.hooks import SketchDPState
+from commcomp.hooks._common import mix_seed
+from tests._dist import spawn
+from tests.hooks._models import local_grads, make_model, rank_batch, true_mean
+
+
+def ddp_model(**options):
+    model = DDP(make_model(), bucket_cap_mb=0.001)  # ~250 floats per bucket: several buckets
+    state = commcomp.register(model, "sketch_dp", **options)
+    return model, state
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+# --- sketch of the sum -----------------------------------------------------------------------
+
+def run_sum_of_sketches(rank, world, kind):
+    """state.release on every rank == R^T R (mean of the ranks' vectors), computed locally."""
+    state = SketchDPState(sketch=kind, sketch_ratio=0.25, sketch_seed=11)
+    xs = [torch.randn(300, generator=torch.Generator().manual_seed(r)) * (r + 1) for r in range(world)]
+    out = state.release([(0, xs[rank].clone())], step=3)[0]
+    sk = Sketch(kind, 300, sketch_size(kind, 300, 0.25), mix_seed(11, 3, 0))
+    expect = sk.transpose(sum(sk.sketch(x) for x in xs)) / world
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    exact = sk.transpose(sk.sketch(torch.stack(xs).mean(0)))  # linearity: sketch of the mean
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4)
+    assert state.metrics["bytes_sent"] < state.metrics["bytes_sent_fp32_allreduce"] / 3
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "srht", "gaussian"])
+def test_allreduce_of_sketches_is_sketch_of_sum(tmp_path, kind):
+    spawn(run_sum_of_sketches, 2, tmp_path, kind)
+
+
+# --- orthogonal sketch, no noise: the plain average ----------------------------------------
+
+def run_orthogonal(rank, world, clip_scope):
+    model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_scope=clip_scope)
+    mean, _ = true_mean(world)
+    for _ in range(2):
+        for g, m in zip(local_grads(model, rank), mean):
+            torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-6)
+    assert state.step == 2 and state.epsilon() == math.inf  # no noise, no clipping: no privacy
+
+
+@pytest.mark.parametrize("world,clip_scope", [(2, "model"), (4, "bucket")])
+def test_orthogonal_sketch_without_noise_is_plain_average(tmp_path, world, clip_scope):
+    spawn(run_orthogonal, world, tmp_path, clip_scope)
+
+
+# --- clipping bounds each rank's contribution ---------------------------------------------
+
+def run_clipping(rank, world):
+    C = 0.03
+    model, _ = ddp_model(sketch="srht", sketch_ratio=1.0, clip_norm=C)
+    _, per_rank = true_mean(world)
+    got = flat(local_grads(model, rank))
+    # each rank's whole gradient (all buckets) scaled to norm <= C, then averaged
+    clipped = [flat(g) * min(1.0, C / flat(g).norm().item()) for g in per_rank]
+    torch.testing.assert_close(got, torch.stack(clipped).mean(0), rtol=1e-4, atol=1e-6)
+    assert got.norm() <= C * (1 + 1e-5)
+    assert all(flat(g).norm() > 10 * C for g in per_rank)  # the clip did bind
+
+
+def test_clipping_bounds_each_rank(tmp_path):
+    spawn(run_clipping, 2, tmp_path)
+
+
+def run_clip_sketch_space(rank, world):
+    C = 0.01
+    state = SketchDPState(sketch="countsketch", sketch_ratio=0.5, clip_norm=C, noise_placement="sketch")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(rank)) * 10
+    out = state.release([(0, x)], step=0)[0]
+    sk = Sketch("countsketch", 1000, 500, mix_seed(0, 0, 0))
+    ys = [sk.sketch(torch.randn(1000, generator=torch.Generator().manual_seed(r)) * 10) for r in range(world)]
+    expect = sk.transpose(sum(y * min(1.0, C / y.norm().item()) for y in ys)) / world
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-7)
+
+
+def test_sketch_placement_clips_the_sketch(tmp_path):
+    spawn(run_clip_sketch_space, 2, tmp_path)
+
+
+# --- noise: unbiased, and epsilon from dp-accounting ---------------------------------------
+
+def run_noise(rank, world, steps):
+    sigma, C = 0.8, 1.0
+    state = SketchDPState(sketch="srht", sketch_ratio=1.0, clip_norm=C, noise_multiplier=sigma,
+                          noise_seed=5)
+    x = torch.full((512,), 0.01)  # norm 0.226 < C: not clipped
+    total = torch.zeros(512)
+    for step in range(steps):
+        total += state.release([(0, x)], step)[0]
+    # mean of `world` noises of std sigma*C per coordinate, averaged over `steps` steps
+    std = sigma * C / math.sqrt(world * steps)
+    err = total / steps - x
+    assert err.abs().max() < 5 * std
+    assert 0.7 * std < err.std() < 1.3 * std  # the noise is really there, at its scale
+    import dp_accounting
+
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), steps))
+    assert state.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert state.ledger.steps == steps
+
+
+def test_noise_scale_and_epsilon_match_dp_accounting(tmp_path):
+    spawn(run_noise, 2, tmp_path, 40)
+
+
+def test_epsilon_pld_and_subsampled_match_dp_accounting():
+    import dp_accounting
+
+    for q in (1.0, 0.01):
+        acc = dp_accounting.pld.PLDAccountant()
+        event = dp_accounting.GaussianDpEvent(1.3)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        acc.compose(dp_accounting.SelfComposedDpEvent(event, 250))
+        ours = commcomp.privacy.epsilon(1.3, 250, 1e-6, sample_rate=q, accountant="pld")
+        assert ours == pytest.approx(acc.get_epsilon(1e-6), rel=1e-9)
+
+
+def test_noise_for_epsilon_is_tight():
+    sigma = commcomp.privacy.noise_for_epsilon(4.0, 1e-5, steps=100, sample_rate=0.1)
+    assert commcomp.privacy.epsilon(sigma, 100, 1e-5, 0.1) <= 4.0
+    assert commcomp.privacy.epsilon(sigma * 0.99, 100, 1e-5, 0.1) > 4.0
+
+
+def run_budget(rank, world):
+    model, state = ddp_model(target_epsilon=8.0, target_delta=1e-5, steps=2, clip_norm=1.0)
+    assert state.noise_multiplier > 0
+    local_grads(model, rank)
+    local_grads(model, rank)
+    assert state.epsilon() <= 8.0
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="overspend"):
+        local_grads(model, rank)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_budget_is_not_overspent(tmp_path):
+    spawn(run_budget, 2, tmp_path)
+
+
+def run_bucket_scope_ledger(rank, world):
+    model, state = ddp_model(clip_norm=1.0, noise_multiplier=2.0, clip_scope="bucket")
+    counts = []
+    for _ in range(3):  # DDP may rebuild its buckets after the first step
+        local_grads(model, rank)
+        counts.append(state.ledger.steps)
+    buckets = counts[2] - counts[1]
+    assert buckets > 1 and counts[1] - counts[0] == buckets  # one mechanism per bucket per step
+    eps = commcomp.privacy.epsilon(2.0, counts[2], 1e-5)
+    assert state.epsilon(1e-5) == pytest.approx(eps)
+
+
+def test_bucket_scope_accounts_every_bucket(tmp_path):
+    spawn(run_bucket_scope_ledger, 2, tmp_path)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+def run_seed_mismatch(rank, world):
+    model, _ = ddp_model(sketch_seed=rank)
+    with pytest.raises(RuntimeError, match="sketch_seed"):
+        local_grads(model, rank)
+
+
+def test_ranks_disagreeing_on_sketch_seed_raise(tmp_path):
+    spawn(run_seed_mismatch, 2, tmp_path)
+
+
+def run_nonfinite(rank, world):
+    model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_norm=1.0, noise_multiplier=0.5)
+    local_grads(model, rank)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = rank_batch(rank)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    with pytest.raises(Exception, match="NaN/Inf"):
+        ((model(x) - y) ** 2).mean().backward()
+    assert state.step == 1  # the failed step is undone
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    del opt
+
+
+def test_nonfinite_gradient_fails_on_every_rank(tmp_path):
+    spawn(run_nonfinite, 2, tmp_path)
+
+
+def run_bad_options(rank, world):
+    bad = [
+        dict(clip_norm=0.0), dict(clip_norm=-1.0), dict(clip_norm=float("inf")),
+        dict(sketch_ratio=0.0), dict(sketch_ratio=1.5), dict(sketch_ratio=True),
+        dict(sketch="fft"), dict(noise_multiplier=1.0),  # noise without clip_norm
+        dict(noise_multiplier=-1.0, clip_norm=1.0), dict(clip_norm=1.0, target_epsilon=0.0, steps=10),
+        dict(clip_norm=1.0, target_epsilon=-1.0, steps=10), dict(clip_norm=1.0, target_epsilon=1.0),
+        dict(clip_norm=1.0, target_epsilon=1.0, steps=10, target_delta=1.0),
+        dict(clip_norm=1.0, target_epsilon=1.0, steps=10, noise_multiplier=1.0),
+        dict(sample_rate=0.0), dict(level="server"), dict(clip_scope="layer"),
+        dict(noise_placement="sketch", level="record", clip_norm=1.0), dict(block=3),
+        dict(sketch_seed=-1),
+    ]
+    for opts in bad:
+        with pytest.raises(ValueError, match="commcomp"):
+            SketchDPState(**opts)
+    state = SketchDPState(clip_norm=1.0, noise_multiplier=1.0)
+    for delta in (0.0, 1.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="delta"):
+            state.epsilon(delta)
+
+
+def test_bad_options_raise(tmp_path):
+    spawn(run_bad_options, 1, tmp_path)
+
+
+# --- checkpoints and record-level DP ---------------------------------------------------------
+
+def run_checkpoint(rank, world):
+    model, state = ddp_model(clip_norm=1.0, noise_multiplier=1.5)
+    for _ in range(3):
+        local_grads(model, rank)
+    saved = state.state_dict()
+    model2, state2 = ddp_model(clip_norm=1.0, noise_multiplier=1.5)
+    state2.load_state_dict(saved)
+    assert state2.step == 3 and state2.ledger.steps == 3
+    assert state2.epsilon(1e-5) == state.epsilon(1e-5)
+    assert state2.metrics == state.metrics
+    _, other = ddp_model(clip_norm=1.0, noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        other.load_state_dict(saved)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    spawn(run_checkpoint, 2, tmp_path)
+
+
+def run_record_level(rank, world):
+    opacus = pytest.importorskip("opacus")
+    C, batch = 0.1, 16
+    state = SketchDPState(level="record", sketch="srht", sketch_ratio=1.0, clip_norm=C,
+                          sample_rate=batch / 1000)
+    model = opacus.GradSampleModule(make_model())
+    x, y = rank_batch(rank)
+    ((model(x) - y) ** 2).sum(1).mean().backward()  # per-sample losses (mean: Opacus scales)
+    norms = commcomp.privacy.clip_per_sample_(model.parameters(), C)
+    assert norms.shape == (batch,) and bool((norms > C).any())
+    state.reduce_(model.parameters(), batch_size=batch)
+    got = flat([p.grad for p in model.parameters()])
+    # independently: per-sample gradients by a loop, clipped, summed, averaged over ranks
+    plain = make_model()
+    per_rank = []
+    for r in range(world):
+        xr, yr = rank_batch(r)
+        total = 0
+        for i in range(batch):
+            plain.zero_grad()
+            ((plain(xr[i:i + 1]) - yr[i:i + 1]) ** 2).sum().backward()
+            g = flat([p.grad for p in plain.parameters()])
+            total = total + g * min(1.0, C / g.norm().item())
+        per_rank.append(total / batch)
+    torch.testing.assert_close(got, torch.stack(per_rank).mean(0), rtol=1e-4, atol=1e-6)
+    assert state.ledger.steps == 1 and state.ledger.sample_rate == batch / 1000
+
+
+def test_record_level_on_opacus_per_sample_gradients(tmp_path):
+    spawn(run_record_level, 2, tmp_path)
+
+
+def run_record_level_refuses_hook(rank, world):
+    model = DDP(make_model())
+    commcomp.register(model, "sketch_dp", level="record", clip_norm=1.0)
+    with pytest.raises(RuntimeError, match="clip_per_sample_"):
+        local_grads(model, rank)
+
+
+def test_record_level_refuses_the_ddp_hook(tmp_path):
+    spawn(run_record_level_refuses_hook, 1, tmp_path)
