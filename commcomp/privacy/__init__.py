@@ -11,7 +11,8 @@ The DP hook itself is :class:`commcomp.hooks.SketchDPState`.
 """
 
 from .accounting import PrivacyLedger, epsilon, noise_for_epsilon
+from .attack import AttackResult, invert_gradient, message_for, reconstruction_mse
 from .mechanisms import NoiseSource, clip_coefficient, clip_per_sample_
 
-__all__ = ["NoiseSource", "PrivacyLedger", "clip_coefficient", "clip_per_sample_", "epsilon",
-           "noise_for_epsilon"]
+__all__ = ["AttackResult", "NoiseSource", "PrivacyLedger", "clip_coefficient", "clip_per_sample_",
+           "epsilon", "invert_gradient", "message_for", "noise_for_epsilon", "reconstruction_mse"]
