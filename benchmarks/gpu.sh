@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA machine, in one command (device time is scarce): build the
 # extension with CUDA, run the whole suite (the CUDA tests included: CUDA bytes == CPU bytes
-# == reference bytes), then the codec benchmark. Results go to $OUT (the device tool's
+# == reference bytes), then the codec and sketch benchmarks. Results go to $OUT (the device tool's
 # folder) or out/gpu. Usage, from the repository root on the GPU machine:
 #     bash benchmarks/gpu.sh
 set -euo pipefail
@@ -21,4 +21,8 @@ tests=${PIPESTATUS[0]}
 set -e
 "$py" benchmarks/codec.py --devices cuda --numel $((1 << 26)) --world 8 --json "$out/codec_cuda.json" | tee "$out/codec_cuda.txt"
 "$py" benchmarks/codec.py --devices cuda --numel $((1 << 20)) --world 8 | tee "$out/codec_cuda_small.txt"
+for e in 24 26; do
+  "$py" benchmarks/sketch.py --devices cuda --numel $((1 << e)) --repeat 20 \
+    --json "$out/sketch_cuda_2e$e.json" | tee "$out/sketch_cuda_2e$e.txt"
+done
 exit "$tests"

@@ -114,4 +114,60 @@ inline std::vector<int64_t> check_unpack_accumulate_args(const at::Tensor& packe
   return off;
 }
 
+// The sketch ops (csrc/sketch.h). Messages match commcomp/ops/_checks.py word for word.
+inline void check_sketch_size(int64_t s, const char* name = "sketch_size") {
+  TORCH_CHECK(s >= 1 && s < (int64_t{1} << 31), "commcomp: ", name, " = ", s,
+              " is out of range; allowed 1 <= sketch_size < 2^31; pass a positive sketch size ",
+              "below 2^31");
+}
+
+inline void check_sketch_numel(int64_t numel) {
+  TORCH_CHECK(numel >= 0, "commcomp: numel must be >= 0, got ", numel);
+}
+
+// The padded length n = ceil(numel / block) * block, after checking block and n.
+inline int64_t check_srht_shape(int64_t numel, int64_t s, int64_t block) {
+  TORCH_CHECK(block >= 1 && block <= (int64_t{1} << 24) && (block & (block - 1)) == 0,
+              "commcomp: block = ", block, " is not allowed; allowed a power of two in ",
+              "[1, 2^24]; pass e.g. commcomp.ops.default_block(numel)");
+  const int64_t nblocks = numel / block + (numel % block != 0 ? 1 : 0);
+  TORCH_CHECK(nblocks <= ((int64_t{1} << 31) - 1) / block, "commcomp: numel = ", numel,
+              " padded to whole blocks of ", block, " is ", nblocks, " blocks, but the padded ",
+              "length must be < 2^31; sketch a smaller tensor (split it)");
+  const int64_t n = nblocks * block;
+  TORCH_CHECK(n == 0 || s <= n, "commcomp: sketch_size = ", s,
+              " exceeds the padded length n = ", n, " (numel ", numel, ", block ", block,
+              "); allowed 1 <= sketch_size <= n; pass a smaller sketch_size");
+  return n;
+}
+
+inline void check_countsketch_args(const at::Tensor& x, int64_t s, int64_t seed) {
+  check_float_input(x, "x");
+  check_sketch_size(s);
+  check_seed_offset(seed, 0);
+}
+
+inline void check_countsketch_transpose_args(const at::Tensor& y, int64_t numel, int64_t seed) {
+  check_float_input(y, "y");
+  check_sketch_size(y.numel(), "y.numel()");
+  check_sketch_numel(numel);
+  check_seed_offset(seed, 0);
+}
+
+inline int64_t check_srht_args(const at::Tensor& x, int64_t s, int64_t block, int64_t seed) {
+  check_float_input(x, "x");
+  check_sketch_size(s);
+  check_seed_offset(seed, 0);
+  return check_srht_shape(x.numel(), s, block);
+}
+
+inline int64_t check_srht_transpose_args(const at::Tensor& y, int64_t numel, int64_t block,
+                                         int64_t seed) {
+  check_float_input(y, "y");
+  check_sketch_size(y.numel(), "y.numel()");
+  check_sketch_numel(numel);
+  check_seed_offset(seed, 0);
+  return check_srht_shape(numel, y.numel(), block);
+}
+
 }  // namespace commcomp

@@ -36,4 +36,8 @@ TORCH_LIBRARY(commcomp, m) {
   m.def("unpack(Tensor packed, int numel, Tensor scales, int[]? segments, ScalarType dtype) -> Tensor");
   m.def("unpack_accumulate(Tensor packed, Tensor scales, int[]? segments, Tensor(a!) out) -> ()");
   m.def("segment_stats(Tensor x, int[]? segments) -> (Tensor, Tensor)");
+  m.def("countsketch(Tensor x, int sketch_size, int seed) -> Tensor");
+  m.def("countsketch_transpose(Tensor y, int numel, int seed) -> Tensor");
+  m.def("srht(Tensor x, int sketch_size, int block, int seed) -> Tensor");
+  m.def("srht_transpose(Tensor y, int numel, int block, int seed) -> Tensor");
 }

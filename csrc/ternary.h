@@ -42,10 +42,11 @@ COMMCOMP_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 }
 
 // Philox4x32 with 10 rounds (Salmon et al., SC'11), the generator behind torch's CUDA RNG.
-// counter = (lo32(ctr), hi32(ctr), 0, 0), key = (lo32(seed), hi32(seed)).
-COMMCOMP_HD void philox4x32_10(uint64_t ctr, uint64_t seed, uint32_t out[4]) {
+// counter = (lo32(ctr), hi32(ctr), tag, 0), key = (lo32(seed), hi32(seed)). The ternary codec
+// uses tag 0; the sketches (csrc/sketch.h) use their own tags, i.e. independent streams.
+COMMCOMP_HD void philox4x32_10(uint64_t ctr, uint64_t seed, uint32_t out[4], uint32_t tag = 0u) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
-  uint32_t c2 = 0u, c3 = 0u;
+  uint32_t c2 = tag, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDA_ARCH__)
 #pragma unroll

@@ -18,6 +18,19 @@ Randomness is Philox4x32-10 keyed by ``seed`` with counter ``offset + index``: t
 ``(x, scale, seed, offset)`` gives the same bytes on the reference, the CPU and the CUDA
 kernels, and a slice ternarized with ``offset = start`` matches the whole.
 
+Sketches (Song et al. 2022, "Sketching for distributed deep learning"): linear maps
+``R`` (``s x d``, ``E[R^T R] = I``) drawn from a seed shared by all ranks, never materialized.
+
+5. :func:`countsketch` / :func:`countsketch_transpose`: ``R x`` and ``R^T y`` for CountSketch
+   (each input goes to one random bucket with a random sign).
+6. :func:`srht` / :func:`srht_transpose`: the block subsampled randomized Hadamard transform
+   (random signs, a Walsh-Hadamard transform per block of :func:`default_block` elements,
+   ``s`` sampled rows).
+
+Unlike the codec ops they are differentiable (each op's gradient is its twin), so a loss can
+backpropagate through a sketch; ``srht`` and ``countsketch_transpose`` give the same bits
+on every backend, the two scatter-adds agree up to float summation order.
+
 Example::
 
     >>> x = torch.randn(10)
@@ -32,7 +45,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _checks, _loader, _meta, reference
+from . import _autograd, _checks, _loader, _meta, reference
 
 __all__ = [
     "backend",
@@ -41,11 +54,17 @@ __all__ = [
     "unpack",
     "unpack_accumulate",
     "segment_stats",
+    "countsketch",
+    "countsketch_transpose",
+    "srht",
+    "srht_transpose",
+    "default_block",
     "reference",
 ]
 
 _loader.load()
 _meta.register()
+_autograd.register()
 
 
 def backend(device="cpu") -> str:
@@ -188,3 +207,86 @@ def segment_stats(
     _checks.float_tensor(x, "x")
     segs = _checks.segments(segments, x.numel())
     return torch.ops.commcomp.segment_stats(x.detach().reshape(-1), segs)
+
+
+def countsketch(x: torch.Tensor, sketch_size: int, seed: int) -> torch.Tensor:
+    """CountSketch ``R x`` (Charikar et al. 2002): ``y[h(j)] += sign(j) * x[j]``.
+
+    Args:
+        x: contiguous float32/float16/bfloat16 tensor (read as flat, ``d`` elements).
+        sketch_size: ``s``, the number of buckets, ``1 <= s < 2**31``.
+        seed: key of the hash, ``0 <= seed < 2**63``; every rank must use the same one.
+
+    Returns:
+        float32 ``[s]``. ``countsketch_transpose(y, d, seed)`` is an unbiased estimate of
+        ``x`` (each coordinate's variance is about ``(||x||^2 - x_j^2) / s``).
+        Differentiable; the gradient is ``countsketch_transpose`` of the output gradient.
+
+    Example::
+
+        >>> y = commcomp.ops.countsketch(grad, grad.numel() // 100, seed=step)
+        >>> est = commcomp.ops.countsketch_transpose(y, grad.numel(), seed=step)
+    """
+    _checks.float_tensor(x, "x")
+    s = _checks.sketch_size(sketch_size)
+    seed = _checks.integer(seed, "seed")
+    return torch.ops.commcomp.countsketch(x.reshape(-1), s, seed)
+
+
+def countsketch_transpose(y: torch.Tensor, numel: int, seed: int) -> torch.Tensor:
+    """``R^T y`` for the CountSketch of :func:`countsketch`: ``out[j] = sign(j) * y[h(j)]``,
+    float32 ``[numel]``; ``y.numel()`` is the sketch size. Bit-exact on every backend."""
+    _checks.float_tensor(y, "y")
+    _checks.sketch_size(y.numel(), "y.numel()")
+    numel = _checks.sketch_numel(numel)
+    seed = _checks.integer(seed, "seed")
+    return torch.ops.commcomp.countsketch_transpose(y.reshape(-1), numel, seed)
+
+
+def default_block(numel: int) -> int:
+    """The SRHT block used when none is given: the smallest power of two >= ``numel``, at
+    most 4096 (a 16 KiB transform that stays in L1 or in a CUDA block's shared memory)."""
+    numel = _checks.sketch_numel(numel)
+    return min(4096, 1 << (max(numel, 1) - 1).bit_length())
+
+
+def srht(x: torch.Tensor, sketch_size: int, seed: int, block: Optional[int] = None) -> torch.Tensor:
+    """Block subsampled randomized Hadamard transform ``R x`` (Ailon & Chazelle 2006).
+
+    1. pad ``x`` with zeros to ``n = ceil(d / block) * block`` and flip random signs;
+    2. apply the Walsh-Hadamard transform ``H_block / sqrt(block)`` to each block;
+    3. keep ``s`` rows drawn uniformly with replacement (all ``n`` in order when ``s == n``,
+       which makes ``R`` orthogonal), scaled by ``sqrt(n / s)``.
+
+    Args:
+        x: contiguous float32/float16/bfloat16 tensor (read as flat, ``d`` elements).
+        sketch_size: ``s``, ``1 <= s <= n``.
+        seed: key of the signs and rows, ``0 <= seed < 2**63``; shared by all ranks.
+        block: a power of two in ``[1, 2**24]``; ``None`` means :func:`default_block` ``(d)``.
+            Larger blocks mix more coordinates (better for spiky ``x``) but cost
+            ``log2(block)`` passes; the default keeps the transform in cache.
+
+    Returns:
+        float32 ``[s]``, the same bits on every backend. Differentiable.
+    """
+    _checks.float_tensor(x, "x")
+    s = _checks.sketch_size(sketch_size)
+    seed = _checks.integer(seed, "seed")
+    block = default_block(x.numel()) if block is None else block
+    _checks.srht_shape(x.numel(), s, block)
+    return torch.ops.commcomp.srht(x.reshape(-1), s, block, seed)
+
+
+def srht_transpose(
+    y: torch.Tensor, numel: int, seed: int, block: Optional[int] = None
+) -> torch.Tensor:
+    """``R^T y`` for the SRHT of :func:`srht` with the same ``numel``, ``seed`` and ``block``
+    (``None``: :func:`default_block` ``(numel)``); float32 ``[numel]``. Rows sampled twice add
+    up, so backends agree up to float summation order."""
+    _checks.float_tensor(y, "y")
+    s = _checks.sketch_size(y.numel(), "y.numel()")
+    numel = _checks.sketch_numel(numel)
+    seed = _checks.integer(seed, "seed")
+    block = default_block(numel) if block is None else block
+    _checks.srht_shape(numel, s, block)
+    return torch.ops.commcomp.srht_transpose(y.reshape(-1), numel, block, seed)

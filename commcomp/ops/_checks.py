@@ -151,6 +151,54 @@ def raise_on_values(s: torch.Tensor, absmax: Optional[torch.Tensor] = None, name
     )
 
 
+_TWO31 = 2**31
+_MAX_BLOCK = 2**24
+
+
+# The sketch ops: the messages match csrc/checks.h word for word.
+def sketch_size(s, name: str = "sketch_size") -> int:
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+        raise TypeError(f"commcomp: {name} must be an int, got {type(s).__name__}")
+    if not 1 <= int(s) < _TWO31:
+        raise ValueError(
+            f"commcomp: {name} = {s} is out of range; allowed 1 <= sketch_size < 2^31; pass a "
+            "positive sketch size below 2^31"
+        )
+    return int(s)
+
+
+def sketch_numel(numel) -> int:
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral):
+        raise TypeError(f"commcomp: numel must be an int, got {type(numel).__name__}")
+    if numel < 0:
+        raise ValueError(f"commcomp: numel must be >= 0, got {numel}")
+    return int(numel)
+
+
+def srht_shape(numel: int, s: int, block) -> int:
+    """Check block and the padded length n = ceil(numel / block) * block; return n."""
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+        raise TypeError(f"commcomp: block must be an int, got {type(block).__name__}")
+    if not (1 <= block <= _MAX_BLOCK and block & (block - 1) == 0):
+        raise ValueError(
+            f"commcomp: block = {block} is not allowed; allowed a power of two in [1, 2^24]; "
+            "pass e.g. commcomp.ops.default_block(numel)"
+        )
+    nblocks = -(-numel // block)
+    if nblocks > (_TWO31 - 1) // block:
+        raise ValueError(
+            f"commcomp: numel = {numel} padded to whole blocks of {block} is {nblocks} blocks, "
+            "but the padded length must be < 2^31; sketch a smaller tensor (split it)"
+        )
+    n = nblocks * block
+    if n != 0 and s > n:
+        raise ValueError(
+            f"commcomp: sketch_size = {s} exceeds the padded length n = {n} (numel {numel}, "
+            f"block {block}); allowed 1 <= sketch_size <= n; pass a smaller sketch_size"
+        )
+    return n
+
+
 # Structural checks of raw torch.ops.commcomp calls, for the reference backend (the native
 # kernels run the same checks in C++, csrc/checks.h).
 def _raw_ternarize(x, scales_, segs, seed, offset):
@@ -186,10 +234,37 @@ def _raw_segment_stats(x, segs):
     segments(segs, x.numel())
 
 
+def _raw_countsketch(x, s, seed):
+    float_tensor(x, "x")
+    sketch_size(s)
+    integer(seed, "seed")
+
+
+def _raw_countsketch_transpose(y, numel, seed):
+    float_tensor(y, "y")
+    sketch_size(y.numel(), "y.numel()")
+    sketch_numel(numel)
+    integer(seed, "seed")
+
+
+def _raw_srht(x, s, block, seed):
+    _raw_countsketch(x, s, seed)
+    srht_shape(x.numel(), s, block)
+
+
+def _raw_srht_transpose(y, numel, block, seed):
+    _raw_countsketch_transpose(y, numel, seed)
+    srht_shape(numel, y.numel(), block)
+
+
 RAW_CHECKS = {
     "ternarize_pack": _raw_ternarize,
     "ternarize_int8": _raw_ternarize,
     "unpack": _raw_unpack,
     "unpack_accumulate": _raw_unpack_accumulate,
     "segment_stats": _raw_segment_stats,
+    "countsketch": _raw_countsketch,
+    "countsketch_transpose": _raw_countsketch_transpose,
+    "srht": _raw_srht,
+    "srht_transpose": _raw_srht_transpose,
 }

@@ -33,3 +33,19 @@ def register() -> None:
             x.new_empty((nseg,), dtype=torch.float32),
             x.new_empty((nseg,), dtype=torch.float32),
         )
+
+    @torch.library.register_fake("commcomp::countsketch")
+    def _(x, sketch_size, seed):
+        return x.new_empty((sketch_size,), dtype=torch.float32)
+
+    @torch.library.register_fake("commcomp::countsketch_transpose")
+    def _(y, numel, seed):
+        return y.new_empty((numel,), dtype=torch.float32)
+
+    @torch.library.register_fake("commcomp::srht")
+    def _(x, sketch_size, block, seed):
+        return x.new_empty((sketch_size,), dtype=torch.float32)
+
+    @torch.library.register_fake("commcomp::srht_transpose")
+    def _(y, numel, block, seed):
+        return y.new_empty((numel,), dtype=torch.float32)

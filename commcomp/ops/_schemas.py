@@ -12,4 +12,8 @@ SCHEMAS = {
     "unpack": "unpack(Tensor packed, int numel, Tensor scales, int[]? segments, ScalarType dtype) -> Tensor",
     "unpack_accumulate": "unpack_accumulate(Tensor packed, Tensor scales, int[]? segments, Tensor(a!) out) -> ()",
     "segment_stats": "segment_stats(Tensor x, int[]? segments) -> (Tensor, Tensor)",
+    "countsketch": "countsketch(Tensor x, int sketch_size, int seed) -> Tensor",
+    "countsketch_transpose": "countsketch_transpose(Tensor y, int numel, int seed) -> Tensor",
+    "srht": "srht(Tensor x, int sketch_size, int block, int seed) -> Tensor",
+    "srht_transpose": "srht_transpose(Tensor y, int numel, int block, int seed) -> Tensor",
 }

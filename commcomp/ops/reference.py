@@ -231,6 +231,8 @@ def srht(x, sketch_size, block, seed) -> torch.Tensor:
     block-diagonal so each transform stays in cache)."""
     flat = x.reshape(-1).float()
     numel = flat.numel()
+    if numel == 0:  # nothing to sample from: the sketch of an empty vector is zero
+        return torch.zeros(sketch_size, dtype=torch.float32, device=flat.device)
     v = torch.zeros(srht_padded(numel, block), dtype=torch.float32, device=flat.device)
     v[:numel] = flat * srht_signs(numel, seed, flat.device)
     fwht_(v, block)
@@ -241,6 +243,8 @@ def srht(x, sketch_size, block, seed) -> torch.Tensor:
 def srht_transpose(y, numel, block, seed) -> torch.Tensor:
     """R^T y: scatter-add the scaled rows (duplicates add in index order), transform, sign."""
     sketch_size = y.numel()
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.float32, device=y.device)
     rows = srht_rows(numel, sketch_size, block, seed, y.device)
     v = torch.zeros(srht_padded(numel, block), dtype=torch.float32, device=y.device)
     v.index_add_(0, rows, y.reshape(-1).float() * srht_scale(numel, sketch_size, block))

@@ -1,6 +1,7 @@
 // Philox4x32-10 for kLanes consecutive counters at once, words in element order:
 // w[4 * lane + k] is word k of counter ctr0 + lane, i.e. the word of global index
-// 4 * ctr0 + 4 * lane + k. Same numbers as commcomp::philox4x32_10 (csrc/ternary.h).
+// 4 * ctr0 + 4 * lane + k. Same numbers as commcomp::philox4x32_10 (csrc/ternary.h), with the
+// same optional tag in counter word 2 (0 for the ternary codec, csrc/sketch.h's for sketches).
 // On x86-64 the lanes run in SSE2 registers (part of the base ISA, so no CPU dispatch);
 // GCC leaves the scalar structure-of-arrays form unvectorized (measured 4x slower).
 #pragma once
@@ -33,13 +34,13 @@ inline void mulhilo_sse(__m128i x, __m128i m, __m128i& hi, __m128i& lo) {
 }
 }  // namespace detail
 
-inline void philox_batch(uint64_t ctr0, uint64_t seed, PhiloxBatch& out) {
+inline void philox_batch(uint64_t ctr0, uint64_t seed, PhiloxBatch& out, uint32_t tag = 0u) {
   const uint64_t c[4] = {ctr0, ctr0 + 1, ctr0 + 2, ctr0 + 3};
   __m128i c0 = _mm_setr_epi32(static_cast<int>(c[0]), static_cast<int>(c[1]),
                               static_cast<int>(c[2]), static_cast<int>(c[3]));
   __m128i c1 = _mm_setr_epi32(static_cast<int>(c[0] >> 32), static_cast<int>(c[1] >> 32),
                               static_cast<int>(c[2] >> 32), static_cast<int>(c[3] >> 32));
-  __m128i c2 = _mm_setzero_si128(), c3 = _mm_setzero_si128();
+  __m128i c2 = _mm_set1_epi32(static_cast<int>(tag)), c3 = _mm_setzero_si128();
   const __m128i m0 = _mm_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m128i m1 = _mm_set1_epi32(static_cast<int>(kPhiloxM1));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -64,8 +65,8 @@ inline void philox_batch(uint64_t ctr0, uint64_t seed, PhiloxBatch& out) {
   _mm_storeu_si128(dst + 3, _mm_unpackhi_epi64(t2, t3));
 }
 #else
-inline void philox_batch(uint64_t ctr0, uint64_t seed, PhiloxBatch& out) {
-  for (int l = 0; l < kLanes; ++l) philox4x32_10(ctr0 + l, seed, out.w + 4 * l);
+inline void philox_batch(uint64_t ctr0, uint64_t seed, PhiloxBatch& out, uint32_t tag = 0u) {
+  for (int l = 0; l < kLanes; ++l) philox4x32_10(ctr0 + l, seed, out.w + 4 * l, tag);
 }
 #endif
 
