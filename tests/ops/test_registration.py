@@ -1,14 +1,12 @@
 """The operator library: schemas, fake kernels (opcheck), and torch.compile."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import commcomp
 from commcomp.ops._schemas import SCHEMAS
+from tests.ops._fresh import run_on_reference
 
 
 def test_every_schema_is_registered_as_declared():
@@ -96,8 +94,4 @@ print("ok")
 
 
 def test_reference_fallback_in_a_fresh_process():
-    env = dict(os.environ, COMMCOMP_FORCE_REFERENCE="1")
-    result = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    run_on_reference(FALLBACK)

@@ -3,15 +3,13 @@ the linear-algebra properties (adjoint, linear, unbiased, orthogonal at s == n),
 checks, autograd, torch.compile, and the CUDA kernels against the CPU ones."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from commcomp import ops
 from commcomp.ops import _loader
+from tests.ops._fresh import run_on_reference
 
 LENGTHS = [0, 1, 3, 4097, 10**5 + 3]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -309,11 +307,7 @@ print("ok")
 
 
 def test_reference_fallback_in_a_fresh_process():
-    env = dict(os.environ, COMMCOMP_FORCE_REFERENCE="1")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", FALLBACK], env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    run_on_reference(FALLBACK)
 
 
 # ------------------------------------------------------------------ CUDA
