@@ -3,7 +3,7 @@ chaining (:mod:`.futures`), ternary collectives (:mod:`.ternary`) and a cost mod
 (:mod:`.cost`) that picks between them."""
 
 from .cost import LinkModel, choose, estimate
-from .futures import CommThread, all_gather, all_reduce, all_to_all, comm_thread, then
+from .futures import CommThread, Pending, all_gather, all_reduce, all_to_all, comm_thread, then
 from .ternary import (
     COLLECTIVES,
     Encoding,
@@ -15,7 +15,7 @@ from .ternary import (
 )
 
 __all__ = [
-    "COLLECTIVES", "CommThread", "Encoding", "comm_thread", "Launched", "LinkModel", "all_gather", "all_reduce", "all_to_all",
-    "allgather_packed", "choose", "estimate", "int8_allreduce",
+    "COLLECTIVES", "CommThread", "Encoding", "Launched", "LinkModel", "Pending", "all_gather", "all_reduce",
+    "all_to_all", "allgather_packed", "comm_thread", "choose", "estimate", "int8_allreduce",
     "ring_allreduce_bytes", "then", "two_phase",
 ]

@@ -1,8 +1,14 @@
-"""Chaining collectives without blocking: a hook returns one future, completed by a chain of
-callbacks that each launch the next collective (no ``wait()`` in any callback)."""
+"""Collectives as pending values, and the communication thread that runs every hook's exchange.
+
+A hook returns a torch Future at once; the bucket's exchange runs as a job on one background
+thread (one global order of collectives on every rank), which waits on each collective and
+completes the hook's future. No Python callback ever runs on a backend thread.
+"""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import queue
 import threading
 from typing import Callable, Optional
@@ -11,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 Future = torch.futures.Future
+logger = logging.getLogger(__name__)
 
 
 def new_future(like: torch.Tensor) -> Future:
@@ -20,58 +27,75 @@ def new_future(like: torch.Tensor) -> Future:
     return Future()
 
 
-def then(fut: Future, fn: Callable[[Future], object], like: torch.Tensor) -> Future:
-    """The future of ``fn(fut)``, where fn may return a value or a further future.
+class Pending:
+    """A collective launched but not yet awaited, with work to do on its result.
 
-    Exceptions raised by fn, or by any future in the chain, complete the result with that
-    exception, so DDP's backward re-raises it instead of hanging.
+    ``wait()`` blocks the calling thread on the collective, then runs the chained functions
+    on that same thread. Unlike ``work.get_future().then(fn)``, no Python code runs on the
+    backend's own threads: a gloo thread that still had to take the GIL for a callback when the
+    interpreter shut down would abort the process ("terminate called without an active
+    exception"). The collectives run on commcomp's communication thread, where blocking is
+    the design.
     """
-    result = new_future(like)
 
-    def forward(inner: Future) -> None:
-        try:
-            result.set_result(inner.value())
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting side
-            result.set_exception(exc)
+    __slots__ = ("_wait_fn", "_done", "_value")
 
-    def on_done(done: Future) -> None:
-        try:
-            out = fn(done)
-        except BaseException as exc:  # noqa: BLE001
-            result.set_exception(exc)
-            return
-        if isinstance(out, torch._C.Future):  # .then() returns the C++ base class
-            out.then(forward)
-        else:
-            result.set_result(out)
+    def __init__(self, wait_fn: Callable[[], object]):
+        self._wait_fn: Optional[Callable[[], object]] = wait_fn
+        self._done = False
+        self._value = None
 
-    fut.then(on_done)
-    return result
+    def wait(self):
+        if not self._done:
+            value = self._wait_fn()
+            while isinstance(value, Pending):  # a chained function launched a further collective
+                value = value.wait()
+            self._value, self._done, self._wait_fn = value, True, None
+        return self._value
+
+    value = wait
+
+    def then(self, fn: "Callable[[Pending], object]") -> "Pending":
+        """The pending result of ``fn(self)`` (fn reads ``.value()``; it may return a Pending)."""
+        return Pending(lambda: fn(self._ready()))
+
+    def _ready(self) -> "Pending":
+        self.wait()
+        return self
 
 
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> Future:
-    """In-place all-reduce of t; the future's value is t."""
+def then(pending: Pending, fn: Callable[[Pending], object], like: Optional[torch.Tensor] = None) -> Pending:
+    """``pending.then(fn)``; kept as a function for call sites that read better that way."""
+    return pending.then(fn)
+
+
+def _launched(work, value: Callable[[], torch.Tensor]) -> Pending:
+    def wait():
+        work.wait()
+        return value()
+    return Pending(wait)
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> Pending:
+    """In-place all-reduce of t; the pending value is t."""
     work = dist.all_reduce(t, op=op, group=group, async_op=True)
-    return work.get_future().then(lambda _: t)
+    return _launched(work, lambda: t)
 
 
-def all_gather(t: torch.Tensor, group=None) -> Future:
-    """Gathers every rank's t into a new [world, *t.shape] tensor (the future's value).
-
-    Reads the output buffer itself: on gloo the work's future holds a list, not the tensor.
-    """
+def all_gather(t: torch.Tensor, group=None) -> Pending:
+    """Gathers every rank's t into a new [world, *t.shape] tensor (the pending value)."""
     world = dist.get_world_size(group)
     flat = t.new_empty(world * t.numel())  # gloo wants a flat output of world * numel
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     work = gather(flat, t.contiguous().reshape(-1), group=group, async_op=True)
-    return work.get_future().then(lambda _: flat.view((world,) + tuple(t.shape)))
+    return _launched(work, lambda: flat.view((world,) + tuple(t.shape)))
 
 
-def all_to_all(t: torch.Tensor, group=None) -> Future:
+def all_to_all(t: torch.Tensor, group=None) -> Pending:
     """Equal-split all-to-all of a [world, chunk] tensor: row r goes to rank r."""
     out = torch.empty_like(t)
     work = dist.all_to_all_single(out, t, group=group, async_op=True)
-    return work.get_future().then(lambda _: out)
+    return _launched(work, lambda: out)
 
 
 class CommThread:
@@ -90,6 +114,7 @@ class CommThread:
         self._queue: "queue.Queue" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._atexit_registered = False
 
     def submit(self, job: Callable[[], torch.Tensor], like: torch.Tensor) -> Future:
         fut = new_future(like)
@@ -97,12 +122,37 @@ class CommThread:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="commcomp-comm", daemon=True)
                 self._thread.start()
+                if not self._atexit_registered:
+                    atexit.register(self.shutdown)
+                    self._atexit_registered = True
         self._queue.put((job, fut, torch.cuda.current_stream() if like.is_cuda else None))
         return fut
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Finish the queued jobs and stop the thread (registered with ``atexit``).
+
+        Completing a hook's future releases the GIL while DDP's waiter wakes up; if the main
+        thread then reached interpreter shutdown before this thread took the GIL back, Python
+        would end the thread inside C++ and the process would abort. Joining it at exit, while
+        the interpreter is still whole, closes that window. A job stuck on a dead peer is given
+        ``timeout`` seconds, then left behind (with a warning) rather than hanging the exit.
+        """
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._queue.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("commcomp: a communication job was still running at exit after %.0f s; "
+                           "a peer may have died", timeout)
+
     def _loop(self) -> None:
         while True:
-            job, fut, stream = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            job, fut, stream = item
             try:
                 if stream is not None:  # run on the submitter's stream, after its queued work
                     with torch.cuda.stream(stream):
@@ -111,6 +161,9 @@ class CommThread:
                     fut.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - re-raised by DDP's backward
                 fut.set_exception(exc)
+            # Drop the finished job now, not when the next one arrives: its closure holds the
+            # bucket, the hook state and the process group.
+            del item, job, fut, stream
 
 
 _COMM_THREAD = CommThread()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from commcomp import ops
 from commcomp.ops.reference import per_element
 
-from .futures import Future, all_gather, all_reduce, all_to_all, then
+from .futures import Pending, all_gather, all_reduce, all_to_all, then
 
 INT8_MAX_WORLD = 127  # |sum of W ternary codes| <= W fits int8 up to here
 
@@ -45,7 +45,7 @@ class Encoding:
 
 @dataclass
 class Launched:
-    future: Future  # float32 average over ranks, same on every rank
+    future: Pending  # float32 average over ranks, same on every rank
     bytes_sent: int  # by this rank, for the payload collective(s)
     own: Optional[torch.Tensor] = None  # this rank's decoded payload (for error feedback)
 
@@ -78,7 +78,7 @@ def allgather_packed(x, enc: Encoding, group=None, want_own: bool = False) -> La
     packed = ops.ternarize_pack(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
     own = ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False) if want_own else None
 
-    def decode(f: Future) -> torch.Tensor:
+    def decode(f: Pending) -> torch.Tensor:
         total = torch.zeros(n, dtype=torch.float32, device=x.device)
         ops.unpack_accumulate(f.value(), _rows(enc.scales, world), total, segments=enc.lengths,
                               validate=False)
@@ -119,7 +119,7 @@ def two_phase(x, enc: Encoding, group=None, want_own: bool = False, requantize: 
     if not requantize and world > INT8_MAX_WORLD:
         raise ValueError(f"two_phase(requantize=False) sends int8 sums: world size {world} > {INT8_MAX_WORLD}")
 
-    def reduce_chunk(f: Future) -> Future:
+    def reduce_chunk(f: Pending) -> Pending:
         recv, m = f.value(), e1 - e0  # recv[w] = rank w's bytes of my chunk
         sums = torch.zeros(m, dtype=torch.float32, device=x.device)
         if m > 0:  # integer sums of the codes: exact in float32
