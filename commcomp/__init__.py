@@ -5,14 +5,16 @@ their payloads; the DDP communication hooks (:mod:`commcomp.hooks`) build on bot
 
     state = commcomp.register(ddp_model, "terngrad")
     state = commcomp.register(ddp_model, "sketch_dp", sketch_ratio=0.01, noise_multiplier=1.0, clip_norm=1.0)
+    state = commcomp.register(ddp_model, "gradient_coding", s=1, code="cyclic")
 
 :mod:`commcomp.codecs` holds the stateless codecs (sketches); :mod:`commcomp.privacy` the DP
-clipping, noise and accounting.
+clipping, noise and accounting; :mod:`commcomp.coding` the gradient codes, the straggler-tolerant
+coordinator and the straggler simulator (``commcomp stragglers simulate``).
 """
 
-from commcomp import codecs, collectives, hooks, ops, privacy
+from commcomp import codecs, coding, collectives, hooks, ops, privacy
 from commcomp.hooks import register
 
 __version__ = "0.1.0"
 
-__all__ = ["codecs", "collectives", "hooks", "ops", "privacy", "register", "__version__"]
+__all__ = ["codecs", "coding", "collectives", "hooks", "ops", "privacy", "register", "__version__"]

@@ -34,3 +34,43 @@ def rank_tensor(rank: int, n: int, dtype=torch.float32, seed: int = 0) -> torch.
     """A reproducible per-rank tensor that any rank can rebuild for any other rank."""
     g = torch.Generator().manual_seed(1000 * seed + rank)
     return (torch.randn(n, generator=g) * (rank + 1)).to(dtype)
+
+
+def _entry_reporting(rank, worker, world, init_file, args, report_dir):
+    """Like _entry, but writes a failure's traceback to report_dir/rank (for spawn_allowing_deaths)."""
+    import traceback
+
+    try:
+        _entry(rank, worker, world, init_file, args)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(os.path.join(report_dir, f"failed-{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def spawn_allowing_deaths(worker, world: int, tmp_path, *args, may_die=(), timeout: float = 240.0) -> dict:
+    """Spawn like :func:`spawn`, but ranks in `may_die` may kill themselves (a crashed worker);
+    every other rank must exit cleanly. Returns {rank: exitcode}."""
+    ctx = mp.get_context("spawn")
+    init_file = os.path.join(str(tmp_path), f"rendezvous-{world}")
+    procs = [ctx.Process(target=_entry_reporting, args=(r, worker, world, init_file, args, str(tmp_path)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = {}
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+            p.join()
+        codes[r] = p.exitcode
+    failures = []
+    for r, code in codes.items():
+        path = os.path.join(str(tmp_path), f"failed-{r}")
+        if r not in may_die and (code != 0 or os.path.exists(path)):
+            text = open(path).read() if os.path.exists(path) else f"exit code {code}"
+            failures.append(f"rank {r}: {text}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return codes

@@ -3,6 +3,7 @@
 >>> state = commcomp.register(ddp_model, "terngrad", clip_factor=2.5)
 >>> state = commcomp.register(ddp_model, "sketch_dp", sketch_ratio=0.01, noise_multiplier=1.0,
 ...                           clip_norm=1.0)
+>>> state = commcomp.register(ddp_model, "gradient_coding", s=1, code="cyclic")
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple, Type
 
 from ._common import HookStateBase
+from .gradient_coding import GradientCodingState, gradient_coding_hook
 from .sketch_dp import SketchDPState, sketch_dp_hook
 from .terngrad import TernGradState, terngrad_hook
 
 HOOKS: Dict[str, Tuple[Type[HookStateBase], Callable]] = {
     "terngrad": (TernGradState, terngrad_hook),
     "sketch_dp": (SketchDPState, sketch_dp_hook),
+    "gradient_coding": (GradientCodingState, gradient_coding_hook),
 }
 
 
@@ -39,5 +42,5 @@ def register(model, name: str, **options) -> HookStateBase:
     return state
 
 
-__all__ = ["HOOKS", "HookStateBase", "SketchDPState", "TernGradState", "register", "sketch_dp_hook",
-           "terngrad_hook"]
+__all__ = ["HOOKS", "GradientCodingState", "HookStateBase", "SketchDPState", "TernGradState",
+           "gradient_coding_hook", "register", "sketch_dp_hook", "terngrad_hook"]

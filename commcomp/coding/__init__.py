@@ -1,0 +1,33 @@
+"""Gradient coding against stragglers: codes, coded data assignment, the straggler-tolerant
+coordinator, sequential gradient coding, straggler models and a simulator.
+
+* :mod:`~commcomp.coding.codes` -- cyclic and fractional repetition codes, decoding vectors
+  (Tandon et al. 2017);
+* :mod:`~commcomp.coding.data` -- which partitions each rank computes, and the coded loss (one
+  backward gives the coded gradient);
+* :mod:`~commcomp.coding.coordinator` -- first-(n - s) aggregation over point-to-point
+  messages (torch.distributed or MPI), used by the ``"gradient_coding"`` DDP hook;
+* :mod:`~commcomp.coding.sequential` -- SR-SGC and M-SGC (Krishnan et al. 2023);
+* :mod:`~commcomp.coding.stragglers`, :mod:`~commcomp.coding.simulate` -- straggler models
+  (incl. replay of real AWS Lambda traces) and the round-level simulator behind
+  ``commcomp stragglers simulate``.
+"""
+
+from commcomp.coding.codes import (
+    CODES,
+    GradientCode,
+    cyclic_repetition_code,
+    decode_vector,
+    fractional_repetition_code,
+    make_code,
+)
+from commcomp.coding.coordinator import CodedAggregator, MPITransport, TorchTransport
+from commcomp.coding.data import CodedSampler, coded_loss, uncoded_partition
+from commcomp.coding import sequential, simulate, stragglers
+from commcomp.coding.sequential import GC, MSGC, SRSGC, make_scheme
+from commcomp.coding.simulate import Result, search
+
+__all__ = ["CODES", "GC", "MSGC", "SRSGC", "CodedAggregator", "CodedSampler", "GradientCode", "MPITransport",
+           "Result", "TorchTransport", "make_scheme", "search", "sequential", "simulate", "stragglers",
+           "coded_loss", "cyclic_repetition_code", "decode_vector", "fractional_repetition_code", "make_code",
+           "uncoded_partition"]

@@ -1,0 +1,171 @@
+"""Gradient coding against stragglers as a DDP communication hook (Tandon, Lei, Dimakis,
+Karampatziakis, "Gradient Coding: Avoiding Stragglers in Distributed Learning", ICML 2017).
+
+The data of a step is cut into n partitions; worker i holds the s + 1 partitions of row i of
+an n x n encoding matrix B and back-propagates ``sum_j B[i, j] * loss_j`` (one backward; see
+:class:`commcomp.coding.CodedSampler` and :func:`commcomp.coding.coded_loss`). Its gradient is
+then a coded combination, and the full gradient is decodable from **any n - s** workers:
+
+1. each rank sends its coded bucket to the coordinator (point to point, without waiting);
+2. the coordinator takes the first n - s coded buckets of the round, solves aᵀB_S = 1ᵀ
+   (cached per survivor set), and forms (1/n) Σ a_i g̃_i in float64;
+3. it sends that average back to every rank; late buckets are recognised by their round and
+   dropped; a rank whose connection fails is a permanent straggler.
+
+Every replica applies the same decoded tensor, so the models stay identical, and the update is
+the uncoded data-parallel one (rank j training on partition j), up to float rounding.
+
+>>> model = DDP(net, broadcast_buffers=False)
+>>> state = commcomp.register(model, "gradient_coding", s=1, code="cyclic")
+>>> sampler = commcomp.coding.CodedSampler(len(ds), state.code, rank, partition_size=32)
+>>> ...  # loss = coded_loss(per_sample_losses, weights); loss.backward(); opt.step()
+>>> state.close()  # before destroy_process_group: delivers results to late ranks
+
+Constraints: every rank of the group is a worker (n = world size) and rank ``coordinator``
+also decodes; the coordinator is a single point of failure. DDP must be built with
+``broadcast_buffers=False`` (a buffer broadcast is a collective, which waits for stragglers),
+and DDP's first step (bucket rebuild) is collective too: stragglers are tolerated from the
+second step on. ``state.reduce_(params)`` does the same for loops without DDP.
+"""
+
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from commcomp.coding import codes as _codes
+from commcomp.coding.coordinator import CodedAggregator
+from commcomp.collectives import comm_thread, ring_allreduce_bytes
+from commcomp.hooks._common import HookStateBase
+
+
+class GradientCodingState(HookStateBase):
+    """Options of the gradient-coding hook, and its coordinator.
+
+    Args:
+        s: stragglers tolerated per round (0 <= s < n). Each rank computes s + 1 partitions.
+        code: ``"cyclic"`` (cyclic repetition, any s) or ``"fractional"`` (fractional
+            repetition, (s + 1) must divide n; decoding is a plain sum), or a ``GradientCode``.
+        n: number of workers; must equal the group's world size (given to make scripts explicit).
+        code_seed: seed of the cyclic code's random coefficients (the same on every rank).
+        coordinator: the rank that decodes (default 0).
+        timeout: seconds any wait may take before a clear ``TimeoutError`` (never a hang).
+        transport: ``"torch"`` (torch.distributed P2P: gloo or NCCL) or ``"mpi"`` (mpi4py).
+    """
+
+    name = "gradient_coding"
+
+    def __init__(self, process_group=None, s: int = 1, code="cyclic", n: Optional[int] = None,
+                 code_seed: int = 0, coordinator: int = 0, timeout: float = 300.0, transport: str = "torch"):
+        super().__init__(process_group)
+        if n is not None and int(n) != self.world_size:
+            raise ValueError(f"commcomp: gradient_coding got n={n} but the group has {self.world_size} ranks; "
+                             "every rank is one worker of the code: pass n = world size (or leave it out)")
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"commcomp: timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(code, str):
+            self.code = _codes.make_code(code, self.world_size, int(s), seed=int(code_seed))
+        else:
+            self.code = code
+            if code.n != self.world_size or code.s != s:
+                raise ValueError(f"commcomp: the given code has (n={code.n}, s={code.s}); this group needs "
+                                 f"n={self.world_size} and s={s}")
+        self.s, self.code_name, self.code_seed = int(s), self.code.name, int(code_seed)
+        self.coordinator, self.timeout, self.transport = int(coordinator), float(timeout), transport
+        self.aggregator: Optional[CodedAggregator] = None
+        self.round_times: list = []  # seconds from this rank's first bucket to its last result
+        self._round_start: Optional[float] = None
+        self._aggregator()  # validate transport and coordinator now, on every rank
+
+    def _aggregator(self) -> CodedAggregator:
+        if self.aggregator is None:
+            self.aggregator = CodedAggregator(self.code, self.process_group, self.coordinator, self.timeout,
+                                              self.transport)
+        return self.aggregator
+
+    def options(self) -> dict:
+        return {"s": self.s, "code": self.code_name, "code_seed": self.code_seed,
+                "coordinator": self.coordinator, "transport": str(self.transport)}
+
+    @property
+    def dead_ranks(self) -> Dict[int, str]:
+        """Ranks the coordinator has given up on (crashed), with the reason."""
+        return dict(self._aggregator().dead)
+
+    def _extra_state(self) -> dict:
+        return {"code": self.code.to_dict()}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        saved = extra.get("code")
+        if saved is not None and saved != self.code.to_dict():
+            raise ValueError(f"commcomp: checkpoint was made with code {saved}, this state has {self.code.to_dict()}")
+
+    def _start(self, key, coded: torch.Tensor):
+        agg = self._aggregator()
+        if key[1] == 0:
+            self._round_start = time.monotonic()
+        before = agg.metrics["bytes_sent"]
+        started = agg.start(key, coded)
+        self.add_bytes(agg.metrics["bytes_sent"] - before)
+        self.add_fp32_bytes(ring_allreduce_bytes(coded.numel() * 4, self.world_size))
+        return started
+
+    def _finish(self, started, last: bool) -> torch.Tensor:
+        agg = self._aggregator()
+        before = agg.metrics["bytes_sent"]
+        out = agg.finish(started)
+        self.add_bytes(agg.metrics["bytes_sent"] - before)
+        if last and self._round_start is not None:
+            self.round_times.append(time.monotonic() - self._round_start)
+        return out
+
+    def reduce_(self, params: Sequence[torch.Tensor]) -> None:
+        """Non-DDP step function: replace each ``p.grad`` (the coded gradient) by the decoded
+        average over the n partitions. Call it on every rank after ``backward()``."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            raise ValueError("commcomp: reduce_ got no parameter with a gradient; call it after backward()")
+        self.check_first_step(params[0].grad.device)
+        flat = torch.cat([p.grad.detach().reshape(-1) for p in params])
+        out = self._finish(self._start((self.step, 0), flat), last=True)
+        pos = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(out[pos:pos + n].view_as(p.grad))
+            pos += n
+        self.step += 1
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Deliver what is in flight and stop the coordinator's threads (every rank, before
+        ``destroy_process_group``). False if peers never caught up within ``timeout``."""
+        comm_thread().shutdown()  # the queued buckets first
+        if self.aggregator is None:
+            return True
+        return self.aggregator.close(timeout)
+
+    def metrics_summary(self) -> dict:
+        agg = self._aggregator()
+        return {**self.metrics, **agg.metrics, "survivor_counts": dict(agg.survivor_counts),
+                "dead_ranks": sorted(agg.dead)}
+
+
+def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
+    """DDP communication hook: decode the bucket's average from the first n - s coded buckets."""
+    buf = bucket.buffer()
+    if not state._checked:
+        state.check_first_step(buf.device)  # one all-gather, at the first step only
+    key, last = (state.step, bucket.index()), bucket.is_last()
+    started = state._start(key, buf)  # sends now, from the backward pass: no waiting
+    if last:
+        state.step += 1
+
+    def job() -> torch.Tensor:
+        buf.copy_(state._finish(started, last))
+        return buf
+
+    return comm_thread().submit(job, buf)
+
+
+__all__ = ["GradientCodingState", "gradient_coding_hook"]
