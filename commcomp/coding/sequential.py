@@ -1,0 +1,376 @@
+"""Sequential gradient coding: GC, SR-SGC and M-SGC as plain classes.
+
+Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding for Straggler Mitigation", ICLR 2023.
+Training runs jobs (one gradient per job) in rounds; n workers each compute some tasks per round.
+A scheme with delay T finishes job t at the end of round t + T, so J jobs take J + T rounds.
+
+- :class:`GC` (Tandon et al. 2017): each round, every worker computes a coded partial gradient of
+  the round's job; any n - s results decode it. Load (s + 1) / n, delay 0, tolerates any s
+  stragglers per round.
+- :class:`SRSGC` (GC + selective repetition): GC with s = ceil(B lambd / (W - 1 + B)). Job t is
+  computed in round t; in round t + B, v - s of the v workers whose job-t result is missing (the
+  lowest-numbered ones) repeat their job-t task instead of job t + B. Job t decodes at the end of
+  round t + B from n - s results of rounds t and t + B. Needs B | W - 1. Load (s + 1) / n, delay B.
+- :class:`MSGC` (multiplexed): each job's gradient is split into a part D1 spread over W - 1
+  minitasks (one uncoded chunk per worker per minitask) and a part D2 coded in B groups with a
+  (n, n - lambd) GC. A worker's round holds W - 1 + B minitasks, minitask m of round r belonging
+  to job r - m: the first W - 1 are D1 chunks, the next B are D2 groups, but a worker that still
+  misses a D1 chunk of that job repeats D1 instead. Load (see :meth:`MSGC.load`) is far below GC's
+  for the same straggler budget; delay W - 2 + B.
+
+Straggler conditions (what a round must satisfy for the master to move on without waiting):
+:class:`PerRoundCondition` (at most s stragglers; GC) and :class:`BurstyCondition` (the (B, W, lambd)
+bursty model; SR-SGC and M-SGC). Only stragglers of rounds the master did *not* wait out count in
+the history (a waited-out round has no stragglers). Each scheme's :meth:`schedule` gives a
+:class:`Schedule`: what each worker computes in each round, and which job completes when.
+
+Example::
+
+    sch = MSGC(n=256, B=2, W=5, lambd=20)
+    plan = sch.schedule()
+    for r in range(n_jobs + sch.T):
+        jobs, kinds = plan.assign(r)        # (n, W - 1 + B) job index and task kind per slot
+        returned = run_round_on_workers(jobs, kinds)
+        done = plan.record(r, returned)      # job decoded this round, or None
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "PerRoundCondition", "BurstyCondition", "Schedule", "DecodingError",
+    "Uncoded", "IgnoreStragglers", "GC", "SRSGC", "MSGC", "SCHEMES", "make_scheme",
+]
+
+# task kinds in Schedule.assign
+IDLE, CODED, REPEAT, D1, D2 = 0, 1, 2, 3, 4
+KIND_NAMES = {IDLE: "idle", CODED: "coded", REPEAT: "repeat", D1: "d1", D2: "d2"}
+
+
+class DecodingError(RuntimeError):
+    """A job due this round cannot be decoded from what the workers returned."""
+
+
+def _int(name: str, v, lo: int, hi: Optional[int], scheme: str) -> int:
+    if isinstance(v, bool) or int(v) != v:
+        raise ValueError(f"{scheme}: {name}={v!r} must be an integer")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{scheme}: {name}={v} is out of range; allowed {rng}")
+    return v
+
+
+# ----------------------------------------------------------------------------- conditions
+class PerRoundCondition:
+    """At most ``s`` stragglers in the round (GC's model)."""
+
+    def __init__(self, s: int):
+        self.s = s
+
+    def fits(self, is_straggler: np.ndarray) -> bool:
+        return int(np.count_nonzero(is_straggler)) <= self.s
+
+    def record(self, is_straggler: np.ndarray) -> None:
+        pass
+
+
+class BurstyCondition:
+    """The (B, W, lambd) bursty model, checked round by round against the recorded history.
+
+    A round r with straggler set S fits if (1) the distinct stragglers of rounds r-W+1..r
+    (recorded history plus S) number at most ``lambd``, and (2) no worker of S straggled in
+    rounds r-W+1..r-B (so a worker straggles in at most one burst of <= B rounds per window).
+    """
+
+    def __init__(self, n: int, B: int, W: int, lambd: int):
+        self.n, self.B, self.W, self.lambd = n, B, W, lambd
+        self._hist = np.zeros((max(W - 1, 1), n), dtype=bool)   # ring of the last W-1 rounds
+        self._r = 0
+
+    def _rows(self, back_lo: int, back_hi: int) -> np.ndarray:
+        """Recorded rows for rounds r-back_hi .. r-back_lo (clipped at round 0)."""
+        ks = [k for k in range(back_lo, back_hi + 1) if 1 <= k <= self._r and k <= self.W - 1]
+        if not ks:
+            return np.zeros(self.n, dtype=bool)
+        return self._hist[[(self._r - k) % len(self._hist) for k in ks]].any(axis=0)
+
+    def fits(self, is_straggler: np.ndarray) -> bool:
+        s = np.asarray(is_straggler, dtype=bool)
+        if int(np.count_nonzero(self._rows(1, self.W - 1) | s)) > self.lambd:
+            return False
+        return not bool((self._rows(self.B, self.W - 1) & s).any())
+
+    def record(self, is_straggler: np.ndarray) -> None:
+        if self.W > 1:
+            self._hist[self._r % len(self._hist)] = np.asarray(is_straggler, dtype=bool)
+        self._r += 1
+
+
+# ----------------------------------------------------------------------------- schedules
+class Schedule:
+    """Per-round bookkeeping of one scheme: ``assign(r)`` says what each worker computes in round
+    r as ``(jobs, kinds)`` arrays of shape (n, slots); ``record(r, returned)`` stores which workers
+    returned (bool (n,)) and returns the job decoded at the end of round r (or None), raising
+    :class:`DecodingError` if that job cannot be decoded. Call them in round order."""
+
+    def __init__(self, n: int, slots: int, T: int, rounds: int = 64):
+        self.n, self.slots, self.T = n, slots, T
+        self.jobs = np.full((rounds, n, slots), -1, dtype=np.int64)
+        self.kinds = np.zeros((rounds, n, slots), dtype=np.int8)
+        self.got = np.zeros((rounds, n), dtype=bool)
+        self._next = 0
+
+    def _grow(self, r: int) -> None:
+        if r >= self.jobs.shape[0]:
+            extra = max(r + 1, 2 * self.jobs.shape[0]) - self.jobs.shape[0]
+            self.jobs = np.concatenate([self.jobs, np.full((extra, self.n, self.slots), -1, np.int64)])
+            self.kinds = np.concatenate([self.kinds, np.zeros((extra, self.n, self.slots), np.int8)])
+            self.got = np.concatenate([self.got, np.zeros((extra, self.n), bool)])
+
+    def assign(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
+        if r != self._next:
+            raise ValueError(f"rounds must be assigned in order: expected round {self._next}, got {r}")
+        self._grow(r)
+        self._plan(r)
+        return self.jobs[r], self.kinds[r]
+
+    def record(self, r: int, returned: np.ndarray) -> Optional[int]:
+        if r != self._next:
+            raise ValueError(f"record round {self._next} next (after assign), got {r}")
+        self.got[r] = np.asarray(returned, dtype=bool)
+        self._next += 1
+        job = r - self.T
+        if job < 0:
+            return None
+        if not self._decodable(job):
+            raise DecodingError(f"{type(self).__name__}: job {job} cannot be decoded at round {r}; "
+                                "the straggler pattern broke the scheme's model")
+        return job
+
+    def _plan(self, r: int) -> None:
+        raise NotImplementedError
+
+    def _decodable(self, job: int) -> bool:
+        raise NotImplementedError
+
+
+class _GCSchedule(Schedule):
+    def __init__(self, n: int, s: int):
+        super().__init__(n, 1, 0)
+        self.s = s
+
+    def _plan(self, r):
+        self.jobs[r, :, 0], self.kinds[r, :, 0] = r, CODED
+
+    def _decodable(self, job):
+        return int(self.got[job].sum()) >= self.n - self.s
+
+
+class _SRSchedule(Schedule):
+    def __init__(self, n: int, s: int, B: int):
+        super().__init__(n, 1, B)
+        self.s, self.B = s, B
+
+    def _plan(self, r):
+        self.jobs[r, :, 0], self.kinds[r, :, 0] = r, CODED
+        old = r - self.B
+        if old >= 0:
+            missing = np.flatnonzero(~self._contributed(old, old))
+            if missing.size > self.s:
+                rep = missing[: missing.size - self.s]
+                self.jobs[r, rep, 0], self.kinds[r, rep, 0] = old, REPEAT
+
+    def _contributed(self, r, job):
+        return self.got[r] & (self.jobs[r, :, 0] == job)
+
+    def _decodable(self, job):
+        n_res = self._contributed(job, job).sum() + self._contributed(job + self.B, job).sum()
+        return int(n_res) >= self.n - self.s
+
+
+class _MSchedule(Schedule):
+    def __init__(self, n: int, B: int, W: int, lambd: int):
+        super().__init__(n, W - 1 + B, W - 2 + B)
+        self.B, self.W, self.lambd, self.D1 = B, W, lambd, W - 1
+
+    def _diag(self, job, upto):
+        """(n, slots) kinds returned for ``job`` (minitask m in round job + m), rounds < upto."""
+        out = np.zeros((self.n, self.slots), dtype=np.int8)
+        for m in range(self.slots):
+            r = job + m
+            if r < upto:
+                out[:, m] = np.where(self.got[r], self.kinds[r, :, m], IDLE)
+        return out
+
+    def _plan(self, r):
+        for m in range(self.slots):
+            job = r - m
+            if job < 0:
+                break
+            self.jobs[r, :, m] = job
+            if m < self.D1:
+                self.kinds[r, :, m] = D1
+            else:
+                have_d1 = (self._diag(job, r) == D1).sum(axis=1)
+                self.kinds[r, :, m] = np.where(have_d1 >= self.D1, D2, D1)
+
+    def _decodable(self, job):
+        d = self._diag(job, job + self.slots)
+        if ((d == D1).sum(axis=1) < self.D1).any():
+            return False
+        # D2 group g lives in slot D1 + g; a worker's D2 result for group g only counts there
+        for g in range(self.B):
+            if int((d[:, self.D1 + g] == D2).sum()) < self.n - self.lambd:
+                return False
+        return True
+
+
+# ----------------------------------------------------------------------------- schemes
+class _Scheme:
+    name = ""
+    T = 0
+
+    def __init__(self, n: int):
+        self.n = _int("n", n, 1, None, self.name)
+
+    @property
+    def params(self) -> Dict[str, int]:
+        return {}
+
+    def condition(self):
+        """A fresh straggler condition (None: the scheme never skips stragglers)."""
+        return None
+
+    def schedule(self) -> Optional[Schedule]:
+        return None
+
+    def __repr__(self):
+        return f"{type(self).__name__}(n={self.n}, {', '.join(f'{k}={v}' for k, v in self.params.items())})"
+
+
+class Uncoded(_Scheme):
+    """No coding: each worker computes 1/n of the gradient; the master waits for all."""
+    name = "uncoded"
+
+    @property
+    def load(self) -> float:
+        return 1.0 / self.n
+
+
+class IgnoreStragglers(_Scheme):
+    """No coding, and the master moves on after the fastest n - s workers (their gradients are
+    dropped: the update is biased). Load 1/n, delay 0."""
+    name = "ignore"
+
+    def __init__(self, n: int, s: int):
+        super().__init__(n)
+        self.s = _int("s", s, 0, self.n - 1, self.name)
+
+    @property
+    def params(self):
+        return {"s": self.s}
+
+    @property
+    def load(self) -> float:
+        return 1.0 / self.n
+
+
+class GC(_Scheme):
+    """Gradient coding tolerating any ``s`` stragglers per round (0 <= s < n)."""
+    name = "gc"
+
+    def __init__(self, n: int, s: int):
+        super().__init__(n)
+        self.s = _int("s", s, 0, self.n - 1, self.name)
+
+    @property
+    def params(self):
+        return {"s": self.s}
+
+    @property
+    def load(self) -> float:
+        return (self.s + 1) / self.n
+
+    def condition(self):
+        return PerRoundCondition(self.s)
+
+    def schedule(self):
+        return _GCSchedule(self.n, self.s)
+
+
+class _BWL(_Scheme):
+    def __init__(self, n: int, B: int, W: int, lambd: int):
+        super().__init__(n)
+        self.B = _int("B", B, 1, None, self.name)
+        self.W = _int("W", W, self.B + 1, None, self.name)
+        self.lambd = _int("lambd", lambd, 0, self.n, self.name)
+
+    @property
+    def params(self):
+        return {"B": self.B, "W": self.W, "lambd": self.lambd}
+
+    def condition(self):
+        return BurstyCondition(self.n, self.B, self.W, self.lambd)
+
+
+class SRSGC(_BWL):
+    """Selective-repeat SGC for the (B, W, lambd) bursty model; needs B to divide W - 1."""
+    name = "srsgc"
+
+    def __init__(self, n: int, B: int, W: int, lambd: int):
+        super().__init__(n, B, W, lambd)
+        if (self.W - 1) % self.B:
+            raise ValueError(f"srsgc: B={self.B} must divide W - 1 = {self.W - 1}; use W = x * B + 1 "
+                             f"(e.g. W={self.B + 1} or W={2 * self.B + 1})")
+        self.s = math.ceil(self.B * self.lambd / (self.W - 1 + self.B))
+        if self.s >= self.n:
+            raise ValueError(f"srsgc: s = ceil(B lambd / (W - 1 + B)) = {self.s} must be < n={self.n}; lower lambd")
+        self.T = self.B
+
+    @property
+    def load(self) -> float:
+        return (self.s + 1) / self.n
+
+    def schedule(self):
+        return _SRSchedule(self.n, self.s, self.B)
+
+
+class MSGC(_BWL):
+    """Multiplexed SGC for the (B, W, lambd) bursty model (lambd < n)."""
+    name = "msgc"
+
+    def __init__(self, n: int, B: int, W: int, lambd: int):
+        super().__init__(n, B, W, lambd)
+        self.T = self.W - 2 + self.B
+
+    @property
+    def load(self) -> float:
+        n, B, W, lam = self.n, self.B, self.W, self.lambd
+        if lam == n:
+            return (W - 1 + B) / (n * (W - 1))
+        return (lam + 1) * (W - 1 + B) / (n * (B + (W - 1) * (lam + 1)))
+
+    def schedule(self):
+        return _MSchedule(self.n, self.B, self.W, self.lambd)
+
+
+SCHEMES = {c.name: c for c in (Uncoded, IgnoreStragglers, GC, SRSGC, MSGC)}
+
+
+def make_scheme(name: str, n: int, **params) -> _Scheme:
+    """A scheme by name (``uncoded``, ``ignore``, ``gc``, ``srsgc``, ``msgc``) with its parameters:
+    ``ignore``/``gc``: ``s``; ``srsgc``/``msgc``: ``B``, ``W``, ``lambd``."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; choose one of {sorted(SCHEMES)}")
+    need = {"uncoded": set(), "ignore": {"s"}, "gc": {"s"}, "srsgc": {"B", "W", "lambd"},
+            "msgc": {"B", "W", "lambd"}}[name]
+    given = {k for k, v in params.items() if v is not None}
+    if given != need:
+        raise ValueError(f"scheme {name!r} takes parameters {sorted(need) or 'none'}; got {sorted(given) or 'none'}"
+                         + (f" (missing {sorted(need - given)})" if need - given else ""))
+    return SCHEMES[name](n, **{k: params[k] for k in need})

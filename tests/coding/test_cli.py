@@ -1,0 +1,43 @@
+"""`python -m commcomp stragglers ...` in a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TRACE = "Canada-w256-r20-load0_250-b2048-desktop.npz"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "commcomp", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_simulate_json_matches_golden():
+    golden = json.loads((Path(__file__).parent / "data" / "golden_authors.json").read_text())
+    case = next(c for c in golden["cases"] if c["trace"] == TRACE and c["scheme"] == "msgc"
+                and c["params"] == {"B": 1, "W": 3, "lambd": 30})
+    p = _run("stragglers", "simulate", "--trace", TRACE, "--scheme", "msgc", "--B", "1", "--W", "3",
+             "--lambd", "30", "--n-jobs", "10", "--mu", "1.0", "--base-comp", "2.2013", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(out) == {"runtime", "load", "T", "num_waits", "params"}
+    assert abs(out["runtime"] - case["runtime"]) <= 1e-9 * case["runtime"]
+    assert out["T"] == 2 and out["num_waits"] == case["num_waits"]
+
+
+def test_search_synthetic_and_png(tmp_path):
+    png = tmp_path / "cmp.png"
+    p = _run("stragglers", "simulate", "--model", "bursty", "--rounds", "16", "--workers", "16", "--gen-lambd", "4",
+             "--search", "--lambd-max", "6", "--json", "--png", str(png))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(out) == {"uncoded", "ignore", "gc", "srsgc", "msgc"} and png.stat().st_size > 0
+
+
+def test_errors_and_help():
+    p = _run("stragglers", "simulate", "--trace", TRACE, "--scheme", "srsgc", "--B", "1")
+    assert p.returncode != 0 and "--W" in p.stderr
+    h = _run("stragglers", "simulate", "--help")
+    assert h.returncode == 0 and "fastest * (1 + mu)" in h.stdout
