@@ -155,18 +155,18 @@ class _Receiver(threading.Thread):
         self.failed: Optional[BaseException] = None
         self._lock = threading.Lock()
 
-    def expect(self, key: Key, nbytes: int, dtype: torch.dtype) -> None:
+    def expect(self, key: Key, nbytes: int, dtype: torch.dtype, device=None) -> None:
         with self._lock:
             self.pending += 1
-        self.specs.put((key, nbytes, dtype))
+        self.specs.put((key, nbytes, dtype, device if device is not None else self.device))
 
     def run(self) -> None:
         while True:
             spec = self.specs.get()
             if spec is None:
                 return
-            key, nbytes, dtype = spec
-            buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
+            key, nbytes, dtype, device = spec  # the device of the bucket (CUDA for NCCL)
+            buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=device)
             try:
                 self.transport.irecv(buf, self.peer).wait()
                 got_key, sender, payload = unpack(buf, dtype)
@@ -273,12 +273,12 @@ class CodedAggregator:
         if self.is_coordinator:
             for peer, rx in self._receivers.items():
                 if peer not in self.dead:
-                    rx.expect(key, nbytes, coded.dtype)
+                    rx.expect(key, nbytes, coded.dtype, coded.device)
             return (key, coded.clone())  # DDP may reuse the bucket buffer: keep our own copy
         msg = pack(key, self.rank, coded)
         self._senders[self.coordinator].send(msg)
         self.metrics["bytes_sent"] += msg.numel()
-        self._receivers[self.coordinator].expect(key, nbytes, coded.dtype)
+        self._receivers[self.coordinator].expect(key, nbytes, coded.dtype, coded.device)
         return (key, None)
 
     def finish(self, started) -> torch.Tensor:
