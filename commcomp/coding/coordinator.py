@@ -256,6 +256,7 @@ class CodedAggregator:
         self._last_closed: Optional[Key] = None
         self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0, "bytes_sent": 0}
         self.survivor_counts: Dict[int, int] = {}
+        self._amp_checked: set = set()
         peers = [r for r in range(self.world_size) if r != self.rank] if self.is_coordinator else [coordinator]
         self._dead_lock = threading.Lock()
         self._receivers = {p: _Receiver(self.transport, p, self.inbox, self.device, self._mark_dead) for p in peers}
@@ -326,6 +327,7 @@ class CodedAggregator:
         self.metrics["wait_s"] += time.monotonic() - t0
         survivors = sorted(got)
         a = self.code.decode(survivors)
+        self._warn_amplification(survivors, own.dtype)
         acc = torch.zeros(own.numel(), dtype=torch.float64, device=own.device)
         for w in survivors:
             acc.add_(got[w].to(torch.float64), alpha=float(a[w]))
@@ -354,6 +356,22 @@ class CodedAggregator:
         return payload.clone()
 
     # -- bookkeeping
+    def _warn_amplification(self, survivors, dtype: torch.dtype) -> None:
+        """Once per survivor-set size: warn when decoding magnifies the payloads' rounding
+        (random cyclic codes: a_i B_ij terms up to 1e2..1e5 x the result) past 1e-3."""
+        if dtype == torch.float64 or len(survivors) in self._amp_checked:
+            return
+        self._amp_checked.add(len(survivors))
+        amp = self.code.amplification(survivors)
+        eps = torch.finfo(dtype).eps
+        if amp > 8 and amp * eps > 1e-3:  # notably worse than the dtype itself
+            logger.warning(
+                "commcomp: gradient coding: decoding this %s code from %d survivors magnifies %s rounding "
+                "%.0fx (relative error up to ~%.1e); prefer code='fractional' (exact 0/1 coefficients) where "
+                "(s + 1) divides n, or float32 gradients over half precision", self.code.name, len(survivors),
+                dtype, amp, amp * eps)
+
+    # -- bookkeeping (dead peers)
     def _mark_dead(self, peer: int, exc) -> None:
         """A peer's connection failed (called from its receiver or sender thread)."""
         with self._dead_lock:

@@ -1,0 +1,59 @@
+"""Coordinator pieces that need no peers: message framing and the decoding-accuracy warning."""
+
+import logging
+
+import pytest
+import torch
+
+from commcomp.coding import CodedAggregator, make_code
+from commcomp.coding.coordinator import pack, unpack
+
+
+class NoPeers:
+    """A transport whose messages never arrive (only the threads' set-up is exercised)."""
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+    def isend(self, buf, peer):
+        raise AssertionError("nothing is sent in these tests")
+
+    def irecv(self, buf, peer):
+        raise AssertionError("nothing is received in these tests")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_messages_round_trip(dtype):
+    payload = torch.randn(37).to(dtype)
+    key, sender, got = unpack(pack((12, 3), 5, payload), dtype)
+    assert key == (12, 3) and sender == 5 and torch.equal(got, payload)
+    bad = pack((1, 0), 0, payload)
+    bad[:8] = 0
+    with pytest.raises(RuntimeError, match="bad header"):
+        unpack(bad, dtype)
+
+
+def test_warns_when_a_cyclic_code_magnifies_float32_rounding(caplog):
+    n, s = 64, 8
+    agg = CodedAggregator(make_code("cyclic", n, s), transport=NoPeers(0, n), timeout=5)
+    survivors = list(range(s, n))
+    with caplog.at_level(logging.WARNING, logger="commcomp.coding.coordinator"):
+        agg._warn_amplification(survivors, torch.float64)  # float64: never
+        assert not caplog.records
+        agg._warn_amplification(survivors, torch.float32)
+    amp = agg.code.amplification(survivors)
+    assert (amp * torch.finfo(torch.float32).eps > 1e-3) == bool(caplog.records), amp
+    assert agg.close(timeout=1)
+
+
+def test_fractional_code_never_warns(caplog):
+    agg = CodedAggregator(make_code("fractional", 8, 1), transport=NoPeers(0, 8), timeout=5)
+    with caplog.at_level(logging.WARNING, logger="commcomp.coding.coordinator"):
+        agg._warn_amplification([0, 1, 2, 4, 5, 6, 7], torch.bfloat16)
+    assert not caplog.records
+    assert agg.close(timeout=1)
+
+
+def test_code_must_match_the_group():
+    with pytest.raises(ValueError, match="n=4 workers but the group has 3 ranks"):
+        CodedAggregator(make_code("cyclic", 4, 1), transport=NoPeers(0, 3))
