@@ -16,6 +16,9 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank, worker, world, init_file, args):
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack
     torch.set_num_threads(1)  # up to 4 ranks share 2 cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=90))

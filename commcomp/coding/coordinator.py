@@ -170,18 +170,22 @@ class _Receiver(threading.Thread):
             try:
                 self.transport.irecv(buf, self.peer).wait()
                 got_key, sender, payload = unpack(buf, dtype)
-                if got_key != key or sender != self.peer:
-                    raise RuntimeError(
-                        f"commcomp: rank {self.peer} sent round/bucket {got_key} (sender {sender}) where "
-                        f"{key} was due: ranks disagree on the bucket layout or the step count")
-                self.inbox.put(("msg", self.peer, key, payload))
-            except BaseException as exc:  # noqa: BLE001 - a dead or misbehaving peer
+            except BaseException as exc:  # noqa: BLE001 - a dead peer (or a bad header)
                 self.failed = exc
                 self.on_dead(self.peer, exc)
                 self.inbox.put(("dead", self.peer, key, exc))
                 with self._lock:
                     self.pending = 0
                 return
+            if got_key != key or sender != self.peer:  # fatal for the round, not a straggler
+                self.failed = RuntimeError(
+                    f"commcomp: rank {self.peer} sent round/bucket {got_key} (sender {sender}) where "
+                    f"{key} was due: the ranks disagree on the bucket layout or the step count")
+                self.inbox.put(("protocol", self.peer, key, self.failed))
+                with self._lock:
+                    self.pending = 0
+                return
+            self.inbox.put(("msg", self.peer, key, payload))
             with self._lock:
                 self.pending -= 1
 
@@ -253,8 +257,9 @@ class CodedAggregator:
         self.inbox: "queue.Queue" = queue.Queue()
         self.dead: Dict[int, str] = {}
         self._early: Dict[Key, Dict[int, torch.Tensor]] = {}
-        self._last_closed: Optional[Key] = None
-        self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0, "bytes_sent": 0}
+        self._broken: Optional[BaseException] = None
+        self._bytes, self._bytes_lock = 0, threading.Lock()
+        self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0}
         self.survivor_counts: Dict[int, int] = {}
         self._amp_checked: set = set()
         peers = [r for r in range(self.world_size) if r != self.rank] if self.is_coordinator else [coordinator]
@@ -269,25 +274,53 @@ class CodedAggregator:
     def start(self, key: Key, coded: torch.Tensor):
         """Hand this rank's coded gradient for ``key`` over; returns what :meth:`finish` needs."""
         self._check_open()
+        self._check_healthy()
         coded = coded.detach().reshape(-1)
         nbytes = coded.numel() * coded.element_size()
         if self.is_coordinator:
+            dead = self._dead_set()
             for peer, rx in self._receivers.items():
-                if peer not in self.dead:
+                if peer not in dead:
                     rx.expect(key, nbytes, coded.dtype, coded.device)
             return (key, coded.clone())  # DDP may reuse the bucket buffer: keep our own copy
         msg = pack(key, self.rank, coded)
         self._senders[self.coordinator].send(msg)
-        self.metrics["bytes_sent"] += msg.numel()
+        self._count_bytes(msg.numel())
         self._receivers[self.coordinator].expect(key, nbytes, coded.dtype, coded.device)
         return (key, None)
 
     def finish(self, started) -> torch.Tensor:
-        """Block until the decoded average for the started bucket is known; return it."""
+        """Block until the decoded average for the started bucket is known; return it.
+
+        Any failure (timeout, lost coordinator, too many dead workers, a protocol violation)
+        leaves this aggregator unusable: later calls raise at once instead of pairing results
+        with the wrong rounds. Restart from a checkpoint with a new state.
+        """
+        self._check_healthy()
         key, own = started
-        if self.is_coordinator:
-            return self._decode_round(key, own)
-        return self._await_result(key)
+        try:
+            if self.is_coordinator:
+                return self._decode_round(key, own)
+            return self._await_result(key)
+        except BaseException as exc:
+            self._broken = exc
+            raise
+
+    @property
+    def bytes_sent(self) -> int:
+        with self._bytes_lock:
+            return self._bytes
+
+    def _count_bytes(self, n: int) -> None:
+        with self._bytes_lock:
+            self._bytes += int(n)
+
+    def _check_healthy(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"commcomp: an earlier gradient-coding round failed ({str(self._broken).splitlines()[0][:300]}); "
+                "rounds can no longer be matched with their results on this state: restart from a checkpoint "
+                "with a new state") from self._broken
 
     def _remaining(self, deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
@@ -299,29 +332,35 @@ class CodedAggregator:
         for w, payload in self._early.pop(key, {}).items():
             if len(got) < need:
                 got[w] = payload
+            else:
+                self.metrics["late_dropped"] += 1
         t0 = time.monotonic()
         deadline = t0 + self.timeout
         while len(got) < need:
-            if n - len(self.dead) < need:
+            dead = self._dead_set()
+            if len(got) + sum(1 for w in range(n) if w not in got and w not in dead) < need:
                 raise RuntimeError(
-                    f"commcomp: gradient coding round {key[0]} cannot be decoded: {len(self.dead)} workers are "
+                    f"commcomp: gradient coding round {key[0]} cannot be decoded: {len(dead)} workers are "
                     f"gone ({self._dead_text()}) but the code tolerates s={s}; restart the job from a checkpoint "
                     "(with fewer ranks, or a code with a larger s)")
             try:
                 kind, peer, k, payload = self.inbox.get(timeout=self._remaining(deadline))
             except queue.Empty:
-                missing = sorted(set(range(n)) - set(got) - set(self.dead))
+                missing = sorted(set(range(n)) - set(got) - self._dead_set())
                 raise TimeoutError(
                     f"commcomp: gradient coding round {key[0]} bucket {key[1]}: only {len(got)} of the {need} "
                     f"needed coded gradients arrived within timeout={self.timeout:g} s (waiting on ranks "
                     f"{missing}; gone: {self._dead_text()}); raise `timeout` if steps are this slow") from None
+            if kind == "protocol":
+                raise payload
             if kind == "dead":
                 self._mark_dead(peer, payload)
                 continue
             if k == key:
-                got[peer] = payload
+                if len(got) < need:
+                    got[peer] = payload
             elif k < key:
-                self.metrics["late_dropped"] += 1  # a straggler's result for a round already decoded
+                self.metrics["late_dropped"] += 1  # a straggler's bucket for a round already decoded
             else:
                 self._early.setdefault(k, {})[peer] = payload
         self.metrics["wait_s"] += time.monotonic() - t0
@@ -333,29 +372,43 @@ class CodedAggregator:
             acc.add_(got[w].to(torch.float64), alpha=float(a[w]))
         result = (acc / n).to(own.dtype)
         msg = pack(key, self.rank, result)
+        dead = self._dead_set()
         for peer, tx in self._senders.items():
-            if peer not in self.dead:
+            if peer not in dead:
                 tx.send(msg)
-                self.metrics["bytes_sent"] += msg.numel()
-        self._last_closed = key
+                self._count_bytes(msg.numel())
         self.metrics["rounds"] += 1
         self.survivor_counts[len(survivors)] = self.survivor_counts.get(len(survivors), 0) + 1
         return result
 
     def _await_result(self, key: Key) -> torch.Tensor:
-        try:
-            kind, peer, k, payload = self.inbox.get(timeout=self.timeout)
-        except queue.Empty:
-            raise TimeoutError(
-                f"commcomp: no decoded gradient for round {key[0]} bucket {key[1]} from the coordinator "
-                f"(rank {self.coordinator}) within timeout={self.timeout:g} s: more than s={self.code.s} "
-                "workers may be stalled, or the coordinator is") from None
-        if kind == "dead":
-            raise RuntimeError(f"commcomp: lost the gradient-coding coordinator (rank {self.coordinator}): "
-                               f"{payload}; the coordinator is a single point of failure") from payload
-        return payload.clone()
+        rx = self._receivers[self.coordinator]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if isinstance(rx.failed, RuntimeError) and str(rx.failed).startswith("commcomp: rank"):
+                raise rx.failed  # a protocol violation
+            if rx.failed is not None and self.inbox.empty():
+                raise RuntimeError(f"commcomp: lost the gradient-coding coordinator (rank {self.coordinator}): "
+                                   f"{rx.failed}; the coordinator is a single point of failure") from rx.failed
+            try:
+                kind, peer, k, payload = self.inbox.get(timeout=self._remaining(deadline))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"commcomp: no decoded gradient for round {key[0]} bucket {key[1]} from the coordinator "
+                    f"(rank {self.coordinator}) within timeout={self.timeout:g} s: more than s={self.code.s} "
+                    "workers may be stalled, or the coordinator is; raise `timeout` if steps are this slow") from None
+            if kind in ("dead", "protocol"):
+                continue  # raised above, once the inbox holds nothing older
+            if k == key:
+                return payload.clone()
+            raise RuntimeError(f"commcomp: the coordinator answered round/bucket {k} where {key} was due: "
+                               "the ranks disagree on the bucket layout or the step count")
 
     # -- bookkeeping
+    def lag(self) -> Dict[int, int]:
+        """Per peer: messages still to be exchanged with it (a straggler's backlog)."""
+        return {p: self._receivers[p].pending + self._senders[p].pending for p in self._receivers}
+
     def _warn_amplification(self, survivors, dtype: torch.dtype) -> None:
         """Once per survivor-set size: warn when decoding magnifies the payloads' rounding
         (random cyclic codes: a_i B_ij terms up to 1e2..1e5 x the result) past 1e-3."""
@@ -381,8 +434,12 @@ class CodedAggregator:
         logger.warning("commcomp: gradient coding: rank %d is gone and now counts as a permanent straggler "
                            "(%s)", peer, self.dead[peer])
 
+    def _dead_set(self) -> set:
+        with self._dead_lock:
+            return set(self.dead)
+
     def _dead_text(self) -> str:
-        return ", ".join(f"rank {r}" for r in sorted(self.dead)) or "none"
+        return ", ".join(f"rank {r}" for r in sorted(self._dead_set())) or "none"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -391,7 +448,13 @@ class CodedAggregator:
     def close(self, timeout: Optional[float] = None) -> bool:
         """Deliver what is in flight (results to stragglers, their late messages) and stop the
         threads. Call it on every rank before ``destroy_process_group``. Returns False if it
-        gave up after ``timeout`` seconds (peers that never caught up)."""
+        gave up after ``timeout`` seconds (peers that never caught up): threads still blocked
+        on such a peer are left behind, and destroying the process group under them may abort
+        the process -- exit with ``os._exit`` in that case, or wait for the peers.
+
+        A permanently slow rank keeps one result message per bucket per round queued here (and
+        one expected message per bucket at its receiver) until it catches up; ``lag()`` says
+        how far behind each rank is."""
         if self._closed:
             return True
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

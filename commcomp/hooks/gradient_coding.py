@@ -28,6 +28,8 @@ and DDP's first step (bucket rebuild) is collective too: stragglers are tolerate
 second step on. ``state.reduce_(params)`` does the same for loops without DDP.
 """
 
+import collections
+import threading
 import time
 from typing import Dict, Optional, Sequence
 
@@ -56,7 +58,7 @@ class GradientCodingState(HookStateBase):
 
     name = "gradient_coding"
 
-    def __init__(self, process_group=None, s: int = 1, code="cyclic", n: Optional[int] = None,
+    def __init__(self, process_group=None, s: Optional[int] = None, code="cyclic", n: Optional[int] = None,
                  code_seed: int = 0, coordinator: int = 0, timeout: float = 300.0, transport: str = "torch"):
         super().__init__(process_group)
         if n is not None and int(n) != self.world_size:
@@ -64,17 +66,23 @@ class GradientCodingState(HookStateBase):
                              "every rank is one worker of the code: pass n = world size (or leave it out)")
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"commcomp: timeout must be a positive number of seconds, got {timeout!r}")
+        if transport == "mpi" and process_group not in (None, dist.group.WORLD):
+            raise ValueError("commcomp: transport='mpi' numbers ranks by MPI.COMM_WORLD; it cannot follow a torch "
+                             "process group: use the default group, or transport='torch'")
         if isinstance(code, str):
-            self.code = _codes.make_code(code, self.world_size, int(s), seed=int(code_seed))
+            self.code = _codes.make_code(code, self.world_size, 1 if s is None else int(s), seed=int(code_seed))
         else:
             self.code = code
-            if code.n != self.world_size or code.s != s:
+            if code.n != self.world_size or (s is not None and code.s != s):
                 raise ValueError(f"commcomp: the given code has (n={code.n}, s={code.s}); this group needs "
-                                 f"n={self.world_size} and s={s}")
-        self.s, self.code_name, self.code_seed = int(s), self.code.name, int(code_seed)
+                                 f"n={self.world_size}" + ("" if s is None else f" and s={s}"))
+        self.s, self.code_name, self.code_seed = self.code.s, self.code.name, int(code_seed)
         self.coordinator, self.timeout, self.transport = int(coordinator), float(timeout), transport
         self.aggregator: Optional[CodedAggregator] = None
-        self.round_times: list = []  # seconds from this rank's first bucket to its last result
+        self._base_bytes = 0  # bytes_sent restored from a checkpoint
+        # seconds from this rank's first bucket to its last result, for the last 1000 steps
+        self.round_times: collections.deque = collections.deque(maxlen=1000)
+        self._metrics_lock = threading.Lock()
         self._round_start: Optional[float] = None
         self._aggregator()  # validate transport and coordinator now, on every rank
 
@@ -85,7 +93,7 @@ class GradientCodingState(HookStateBase):
         return self.aggregator
 
     def options(self) -> dict:
-        return {"s": self.s, "code": self.code_name, "code_seed": self.code_seed,
+        return {"s": self.s, "code": self.code_name, "code_seed": self.code_seed, "code_digest": self.code.digest(),
                 "coordinator": self.coordinator, "transport": str(self.transport)}
 
     @property
@@ -96,26 +104,38 @@ class GradientCodingState(HookStateBase):
     def _extra_state(self) -> dict:
         return {"code": self.code.to_dict()}
 
-    def _load_extra_state(self, extra: dict) -> None:
-        saved = extra.get("code")
+    def load_state_dict(self, state: dict) -> None:
+        """Restore step and metrics into a **fresh** state (before its first step: messages of
+        a running state's rounds may still be in flight, and would be taken for the restored
+        rounds). Checked before anything changes."""
+        if self.aggregator is not None and self.aggregator.metrics["rounds"] + self.aggregator.bytes_sent > 0:
+            raise RuntimeError("commcomp: load a gradient-coding checkpoint into a fresh state (before its first "
+                               "step): messages of this state's rounds may still be in flight")
+        saved = state.get("code")
         if saved is not None and saved != self.code.to_dict():
             raise ValueError(f"commcomp: checkpoint was made with code {saved}, this state has {self.code.to_dict()}")
+        super().load_state_dict(state)
+        self._base_bytes = int(self.metrics.get("bytes_sent", 0))
+
+    def _sync_bytes(self) -> None:
+        """bytes_sent mirrors the aggregator's counter (updated from two threads: the backward
+        pass sends, the comm thread sends the coordinator's results)."""
+        with self._metrics_lock:
+            self.metrics["bytes_sent"] = self._base_bytes + self._aggregator().bytes_sent
 
     def _start(self, key, coded: torch.Tensor):
         agg = self._aggregator()
         if key[1] == 0:
             self._round_start = time.monotonic()
-        before = agg.metrics["bytes_sent"]
         started = agg.start(key, coded)
-        self.add_bytes(agg.metrics["bytes_sent"] - before)
-        self.add_fp32_bytes(ring_allreduce_bytes(coded.numel() * 4, self.world_size))
+        with self._metrics_lock:
+            self.add_fp32_bytes(ring_allreduce_bytes(coded.numel() * 4, self.world_size))
+        self._sync_bytes()
         return started
 
     def _finish(self, started, last: bool) -> torch.Tensor:
-        agg = self._aggregator()
-        before = agg.metrics["bytes_sent"]
-        out = agg.finish(started)
-        self.add_bytes(agg.metrics["bytes_sent"] - before)
+        out = self._aggregator().finish(started)
+        self._sync_bytes()
         if last and self._round_start is not None:
             self.round_times.append(time.monotonic() - self._round_start)
         return out
@@ -139,15 +159,17 @@ class GradientCodingState(HookStateBase):
     def close(self, timeout: Optional[float] = None) -> bool:
         """Deliver what is in flight and stop the coordinator's threads (every rank, before
         ``destroy_process_group``). False if peers never caught up within ``timeout``."""
-        comm_thread().shutdown()  # the queued buckets first
+        comm_thread().shutdown(self.timeout if timeout is None else timeout)  # the queued buckets first
         if self.aggregator is None:
             return True
         return self.aggregator.close(timeout)
 
     def metrics_summary(self) -> dict:
+        """``metrics`` plus the coordinator's view: rounds decoded, late buckets dropped,
+        seconds waited for survivors, survivor-set sizes, dead ranks, backlog per peer."""
         agg = self._aggregator()
         return {**self.metrics, **agg.metrics, "survivor_counts": dict(agg.survivor_counts),
-                "dead_ranks": sorted(agg.dead)}
+                "dead_ranks": sorted(agg._dead_set()), "lag": agg.lag()}
 
 
 def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

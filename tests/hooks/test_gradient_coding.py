@@ -152,8 +152,11 @@ def run_bad_options(rank, world):
     saved = state.state_dict()
     assert saved["code"] == code.to_dict() and "process_group" not in saved["options"]
     GradientCodingState(s=1, code=code).load_state_dict(saved)
-    with pytest.raises(ValueError, match="checkpoint options differ"):
+    with pytest.raises(ValueError, match="checkpoint was made with code"):
         GradientCodingState(s=0).load_state_dict(saved)
+    with pytest.raises(ValueError, match="checkpoint options differ"):
+        GradientCodingState(code=code, coordinator=1).load_state_dict(saved)
+    assert GradientCodingState(code=code).s == 1  # s is read off a given code
     # Ranks that disagree on s: a clear error at the first step, on every rank.
     commcomp.register(model, "gradient_coding", s=rank % 2)
     x, y = torch.randn(4, 20), torch.randn(4, 5)
