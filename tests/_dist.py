@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,14 @@ def _entry(rank, worker, world, init_file, args):
         worker(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    # The rank passed. Skip interpreter teardown: gloo's worker threads can still be releasing
+    # the last collective's tensors, whose Python objects need the GIL, and a thread that asks
+    # for it during finalization aborts the process ("terminate called without an active
+    # exception"; pytorch/pytorch#179291, unfixed). A failing rank still exits normally, so its
+    # traceback reaches the parent.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(worker, world: int, tmp_path, *args) -> None:
