@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Dict, Optional, Tuple
 
@@ -112,7 +113,7 @@ class BurstyCondition:
 
 
 # ----------------------------------------------------------------------------- schedules
-class Schedule:
+class Schedule(abc.ABC):
     """Per-round bookkeeping of one scheme: ``assign(r)`` says what each worker computes in round
     r as ``(jobs, kinds)`` arrays of shape (n, slots); ``record(r, returned)`` stores which workers
     returned (bool (n,)) and returns the job decoded at the end of round r (or None), raising
@@ -152,11 +153,13 @@ class Schedule:
                                 "the straggler pattern broke the scheme's model")
         return job
 
+    @abc.abstractmethod
     def _plan(self, r: int) -> None:
-        raise NotImplementedError
+        """Fill in what each worker computes in round r (each scheme's own layout)."""
 
+    @abc.abstractmethod
     def _decodable(self, job: int) -> bool:
-        raise NotImplementedError
+        """Whether the rounds recorded so far let the master decode ``job``."""
 
 
 class _GCSchedule(Schedule):

@@ -33,6 +33,16 @@ def bucket_lengths(bucket: dist.GradBucket) -> List[int]:
     return lengths
 
 
+def write_flat_grads_(params, flat: torch.Tensor) -> None:
+    """Copy consecutive slices of `flat` into each ``p.grad`` (the inverse of concatenating
+    the flattened gradients in the same order): the step functions' unflatten."""
+    pos = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[pos:pos + n].view_as(p.grad))
+        pos += n
+
+
 def _fingerprint(value) -> int:
     text = json.dumps(value, sort_keys=True, default=str)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")

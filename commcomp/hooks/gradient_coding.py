@@ -39,7 +39,7 @@ import torch.distributed as dist
 from commcomp.coding import codes as _codes
 from commcomp.coding.coordinator import CodedAggregator
 from commcomp.collectives import comm_thread, ring_allreduce_bytes
-from commcomp.hooks._common import HookStateBase
+from commcomp.hooks._common import HookStateBase, write_flat_grads_
 
 
 class GradientCodingState(HookStateBase):
@@ -148,12 +148,7 @@ class GradientCodingState(HookStateBase):
             raise ValueError("commcomp: reduce_ got no parameter with a gradient; call it after backward()")
         self.check_first_step(params[0].grad.device)
         flat = torch.cat([p.grad.detach().reshape(-1) for p in params])
-        out = self._finish(self._start((self.step, 0), flat), last=True)
-        pos = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(out[pos:pos + n].view_as(p.grad))
-            pos += n
+        write_flat_grads_(params, self._finish(self._start((self.step, 0), flat), last=True))
         self.step += 1
 
     def close(self, timeout: Optional[float] = None) -> bool:

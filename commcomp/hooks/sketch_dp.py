@@ -58,7 +58,7 @@ from commcomp.collectives.futures import new_future
 from commcomp.privacy import accounting
 from commcomp.privacy.mechanisms import NoiseSource, clip_coefficient
 
-from ._common import HookStateBase, mix_seed
+from ._common import HookStateBase, mix_seed, write_flat_grads_
 
 LEVELS = ("client", "record")
 CLIP_SCOPES = ("model", "bucket")
@@ -261,11 +261,7 @@ class SketchDPState(HookStateBase):
         avg = torch.cat(self.release(parts, self.step, clip=self.level == "client"))
         if batch_size is not None:
             avg /= float(batch_size)
-        pos = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(avg[pos:pos + n].view_as(p.grad))
-            pos += n
+        write_flat_grads_(params, avg)
         self.step += 1
 
 
