@@ -19,6 +19,7 @@ import time
 import torch
 
 import commcomp
+from _util import device_label, parse_devices  # benchmarks/ is on sys.path when run as a script
 from commcomp.ops import reference
 
 
@@ -106,14 +107,13 @@ def main():
     p.add_argument("--devices", default="auto", help="comma list, e.g. cpu,cuda")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     results = []
-    for dev in map(torch.device, devices):
+    for dev in parse_devices(args.devices):
         if commcomp.ops.backend(dev) != "native":
             print(f"# {dev}: native kernels not built; native and reference would be the same code")
         res = run(dev, args.numel, args.world, args.repeat, args.ref_repeat)
         results.append(res)
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        name = device_label(dev)
         print(f"\n{dev} ({name}), numel={args.numel:,}, torch {torch.__version__}: "
               f"copy {res['copy_GBps']:.1f} GB/s (read+write)")
         print(f"{'op':34s} {'bytes':>12s} {'native ms':>10s} {'GB/s':>8s} {'x copy':>7s} {'ref ms':>9s} {'native/ref':>10s}")

@@ -20,6 +20,7 @@ import torch
 from codec import timer  # same directory: the median-of-runs timer of the codec benchmark
 
 import commcomp
+from _util import device_label, parse_devices  # benchmarks/ is on sys.path when run as a script
 from commcomp.ops import reference
 
 
@@ -82,14 +83,13 @@ def main():
     p.add_argument("--devices", default="auto", help="comma list, e.g. cpu,cuda")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     results = []
-    for dev in map(torch.device, devices):
+    for dev in parse_devices(args.devices):
         if commcomp.ops.backend(dev) != "native":
             print(f"# {dev}: native kernels not built; native and reference would be the same code")
         res = run(dev, args.numel, args.ratios, args.repeat, not args.no_reference)
         results.append(res)
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        name = device_label(dev)
         print(f"\n{dev} ({name}), d={args.numel:,}, torch {torch.__version__}: "
               f"x.clone() {res['clone_ms']:.2f} ms = {res['copy_GBps']:.1f} GB/s (read+write)")
         print(f"{'sketch':12s} {'direction':9s} {'s/d':>5s} {'s':>10s} {'native ms':>10s} "

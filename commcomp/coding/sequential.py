@@ -265,10 +265,8 @@ class Uncoded(_Scheme):
         return 1.0 / self.n
 
 
-class IgnoreStragglers(_Scheme):
-    """No coding, and the master moves on after the fastest n - s workers (their gradients are
-    dropped: the update is biased). Load 1/n, delay 0."""
-    name = "ignore"
+class _PerRound(_Scheme):
+    """A scheme with one parameter: s stragglers per round (0 <= s < n)."""
 
     def __init__(self, n: int, s: int):
         super().__init__(n)
@@ -277,23 +275,21 @@ class IgnoreStragglers(_Scheme):
     @property
     def params(self):
         return {"s": self.s}
+
+
+class IgnoreStragglers(_PerRound):
+    """No coding, and the master moves on after the fastest n - s workers (their gradients are
+    dropped: the update is biased). Load 1/n, delay 0."""
+    name = "ignore"
 
     @property
     def load(self) -> float:
         return 1.0 / self.n
 
 
-class GC(_Scheme):
+class GC(_PerRound):
     """Gradient coding tolerating any ``s`` stragglers per round (0 <= s < n)."""
     name = "gc"
-
-    def __init__(self, n: int, s: int):
-        super().__init__(n)
-        self.s = _int("s", s, 0, self.n - 1, self.name)
-
-    @property
-    def params(self):
-        return {"s": self.s}
 
     @property
     def load(self) -> float:
