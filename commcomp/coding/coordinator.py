@@ -38,6 +38,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..collectives import p2p
+
 logger = logging.getLogger(__name__)
 
 MAGIC = 0x47434F4D  # "GCOM"
@@ -50,7 +52,8 @@ Key = Tuple[int, int]  # (round, bucket)
 
 # --------------------------------------------------------------------------- transports
 class TorchTransport:
-    """Point-to-point messages through torch.distributed (gloo or NCCL)."""
+    """Point-to-point messages through torch.distributed (gloo or NCCL; CUDA buffers on gloo
+    are staged through host memory, see :mod:`commcomp.collectives.p2p`)."""
 
     name = "torch"
 
@@ -65,10 +68,10 @@ class TorchTransport:
         return dist.get_global_rank(self.group, peer)
 
     def isend(self, buf: torch.Tensor, peer: int):
-        return dist.isend(buf, dst=self._global(peer), group=self.group, tag=TAG)
+        return p2p.isend(buf, self._global(peer), self.group, TAG)
 
     def irecv(self, buf: torch.Tensor, peer: int):
-        return dist.irecv(buf, src=self._global(peer), group=self.group, tag=TAG)
+        return p2p.irecv(buf, self._global(peer), self.group, TAG)
 
 
 class _MPIRequest:

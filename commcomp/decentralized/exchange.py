@@ -5,7 +5,8 @@ payload of a known size from every in-neighbour, with :func:`torch.distributed.b
 (coalesced on NCCL, independent send/recv pairs on gloo). Nothing global happens: no barrier,
 no all-reduce, no pickling; a rank waits only on its own neighbours. Payload sizes are fixed by
 the compressor and the layout (``Compressor.payload_nbytes``), so the receiver allocates its
-buffers before the message arrives.
+buffers before the message arrives. CUDA payloads on gloo are staged through host memory
+(:mod:`commcomp.collectives.p2p`).
 
 A dead neighbour surfaces as an error when the receive is waited on, after the process
 group's timeout (``init_process_group(timeout=...)``); lower it for fast failure detection.
@@ -18,6 +19,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
+from ..collectives import p2p
 from .topology import Topology
 
 
@@ -69,9 +71,8 @@ class NeighbourExchange:
         ins = self.topology.in_neighbours(self.rank, step)
         outs = self.topology.out_neighbours(self.rank, step)
         received = {j: torch.empty(recv_nbytes, dtype=torch.uint8, device=payload.device) for j, _ in ins}
-        ops = [dist.P2POp(dist.isend, payload, self._global[j], self.process_group) for j in outs]
-        ops += [dist.P2POp(dist.irecv, received[j], self._global[j], self.process_group) for j, _ in ins]
-        requests = dist.batch_isend_irecv(ops) if ops else []
+        requests = p2p.batch_isend_irecv([(payload, self._global[j]) for j in outs],
+                                         [(received[j], self._global[j]) for j, _ in ins], self.process_group)
         return Inflight(requests, received, ins, payload)
 
 
