@@ -221,6 +221,9 @@ def countsketch(x: torch.Tensor, sketch_size: int, seed: int) -> torch.Tensor:
         float32 ``[s]``. ``countsketch_transpose(y, d, seed)`` is an unbiased estimate of
         ``x`` (each coordinate's variance is about ``(||x||^2 - x_j^2) / s``).
         Differentiable; the gradient is ``countsketch_transpose`` of the output gradient.
+        On CUDA the native kernel adds colliding entries with atomics, so two calls can differ
+        in the last bits; under ``torch.use_deterministic_algorithms(True)`` CUDA inputs take
+        the reference twin instead (sorted, deterministic, slower).
 
     Example::
 
@@ -230,6 +233,8 @@ def countsketch(x: torch.Tensor, sketch_size: int, seed: int) -> torch.Tensor:
     _checks.float_tensor(x, "x")
     s = _checks.sketch_size(sketch_size)
     seed = _checks.integer(seed, "seed")
+    if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return reference.countsketch(x, s, seed)
     return torch.ops.commcomp.countsketch(x.reshape(-1), s, seed)
 
 
@@ -282,7 +287,8 @@ def srht_transpose(
 ) -> torch.Tensor:
     """``R^T y`` for the SRHT of :func:`srht` with the same ``numel``, ``seed`` and ``block``
     (``None``: :func:`default_block` ``(numel)``); float32 ``[numel]``. Rows sampled twice add
-    up, so backends agree up to float summation order."""
+    up, so backends agree up to float summation order; each backend is run-to-run
+    deterministic (every rank de-sketching the same sketch gets the same bytes)."""
     _checks.float_tensor(y, "y")
     s = _checks.sketch_size(y.numel(), "y.numel()")
     numel = _checks.sketch_numel(numel)

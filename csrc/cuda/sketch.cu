@@ -1,7 +1,9 @@
 // CUDA kernels of the sketch operators: CountSketch and block SRHT, forward and transpose.
 // The rules are in csrc/sketch.h. countsketch_transpose and srht give the bytes of the CPU
-// kernels; countsketch and srht_transpose scatter with atomicAdd, so they agree with the CPU
-// up to float summation order (and are not run-to-run deterministic when buckets collide).
+// kernels; countsketch scatters with atomicAdd, so it agrees with the CPU up to float summation
+// order and is not run-to-run deterministic (commcomp.ops.countsketch switches to a
+// deterministic path under torch.use_deterministic_algorithms). srht_transpose accumulates
+// its colliding rows in a fixed order (index_put_ sorts them): deterministic.
 //
 // Everything runs on the current stream with no host sync. Element-wise kernels give one
 // thread 4 consecutive elements in a grid-stride loop: 4 independent Philox calls keep the
@@ -220,15 +222,16 @@ __global__ void srht_gather_kernel(const float* __restrict__ v, uint32_t n, uint
   }
 }
 
-// v[row(k)] += y[k] * scale (v zeroed by the caller).
+// rows[k] = row(k), vals[k] = y[k] * scale: the terms of v[row(k)] += y[k] * scale.
 template <typename scalar_t>
-__global__ void srht_scatter_kernel(const scalar_t* __restrict__ y, uint32_t n, uint32_t s,
-                                    float scale, uint64_t seed, float* __restrict__ v) {
+__global__ void srht_terms_kernel(const scalar_t* __restrict__ y, uint32_t n, uint32_t s,
+                                  float scale, uint64_t seed, int64_t* __restrict__ rows,
+                                  float* __restrict__ vals) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < s;
        k += stride) {
-    atomicAdd(v + srht_row(static_cast<uint64_t>(k), seed, n, s),
-              __fmul_rn(static_cast<float>(y[k]), scale));
+    rows[k] = static_cast<int64_t>(srht_row(static_cast<uint64_t>(k), seed, n, s));
+    vals[k] = __fmul_rn(static_cast<float>(y[k]), scale);
   }
 }
 
@@ -273,13 +276,22 @@ at::Tensor srht_transpose_cuda(const at::Tensor& y, int64_t numel, int64_t block
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor v = at::zeros({n}, y.options().dtype(at::kFloat));
   at::Tensor out = at::empty({numel}, v.options());
-  float* pv = v.mutable_data_ptr<float>();
+  // Rows drawn with replacement collide; three or more atomicAdds into one row would sum in a
+  // run-dependent order, and DDP replicas de-sketching the same all-reduced sketch would drift
+  // apart. index_put_ with accumulate sorts the indices (stably) on CUDA, so the sum order is
+  // fixed: the result is run-to-run deterministic.
+  at::Tensor rows = at::empty({s}, y.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({s}, v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "srht_t", [&] {
-    srht_scatter_kernel<scalar_t><<<gpu::grid_size(s, gpu::kThreads), gpu::kThreads, 0, stream>>>(
+    srht_terms_kernel<scalar_t><<<gpu::grid_size(s, gpu::kThreads), gpu::kThreads, 0, stream>>>(
         y.const_data_ptr<scalar_t>(), static_cast<uint32_t>(n), static_cast<uint32_t>(s), scale,
-        useed, pv);
+        useed, rows.mutable_data_ptr<int64_t>(), vals.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  c10::List<std::optional<at::Tensor>> index;
+  index.push_back(rows);
+  v.index_put_(index, vals, /*accumulate=*/true);
+  float* pv = v.mutable_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
   if (block <= kTile) {  // signs applied as the tiles are written out
     launch_fwht<float, false, true>(pv, n, po, numel, n, block, useed, stream);
