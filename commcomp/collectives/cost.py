@@ -1,36 +1,53 @@
-"""A small cost model that picks the ternary collective for a bucket.
+"""Which ternary collective a TernGrad bucket uses under ``collective="auto"``.
 
-time = messages * latency + bytes sent per rank / bandwidth + elements touched * codec cost.
-Constants are deliberately coarse defaults (1 Gbit/s, 50 us per message, 2 ns per element
-per codec pass on a CPU core); pass a LinkModel measured on your network to refine.
+The decision is the performance model's (:mod:`commcomp.perfmodel`): for one bucket, the
+predicted time of each collective (messages x latency + bytes / bandwidth + its CPU passes x
+the calibrated cost per pass-element), and the least wins. So ``commcomp perfmodel`` shows
+the same choice the hook makes. The link comes from :class:`LinkModel` (default 1 Gbit/s,
+50 us per message); the CPU costs from ``commcomp calibrate`` (or the built-in calibration).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
 class LinkModel:
+    """A link for the choice: bandwidth in bytes/s, latency per message in seconds, and
+    optionally one CPU cost per pass-element for every collective (``None``: calibrated)."""
+
     bandwidth_bytes_per_s: float = 1.25e8  # 1 Gbit/s
     latency_s: float = 50e-6
-    codec_s_per_element: float = 2e-9
+    codec_s_per_element: Optional[float] = None
+
+
+def _calibration(link: LinkModel) -> dict:
+    from ..perfmodel import model as pm
+
+    cal = pm.load_calibration()
+    if link.codec_s_per_element is not None:
+        spe = dict(cal["seconds_per_pass_element"])
+        spe.update({f"terngrad/{c}": link.codec_s_per_element for c in pm.TERNARY})
+        cal = dict(cal, seconds_per_pass_element=spe)
+    return cal
 
 
 def estimate(name: str, numel: int, world: int, link: LinkModel = LinkModel()) -> float:
-    w, n = world, numel
-    if name == "int8":
-        msgs, sent, passes = 2 * (w - 1), 2 * (w - 1) / w * n, 2.0
-    elif name == "allgather":
-        msgs, sent, passes = w - 1, (w - 1) * n / 4, 1.0 + w / 4
-    elif name == "two_phase":
-        msgs, sent, passes = 2 * (w - 1), 2 * (w - 1) / w * n / 4, 2.0 + 2.0 / w + 1.0
-    else:
-        raise ValueError(f"unknown collective {name!r}")
-    return msgs * link.latency_s + sent / link.bandwidth_bytes_per_s + passes * n * link.codec_s_per_element
+    """Predicted seconds for one bucket of `numel` elements with collective `name`."""
+    from ..perfmodel import model as pm
+
+    if name not in pm.TERNARY:
+        raise ValueError(f"commcomp: unknown collective {name!r}; allowed {pm.TERNARY}")
+    sc = pm.Scenario(params=max(1, int(numel)), world=world, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s,
+                     compute_s=0.0, latency_s=link.latency_s, bucket_bytes=max(4, 4 * int(numel)))
+    return pm.predict("terngrad", sc, _calibration(link), collective=name).step_s
 
 
 def choose(numel: int, world: int, link: LinkModel = LinkModel()) -> str:
-    """The cheapest exact-or-unbiased collective for one bucket under `link`."""
-    names = ["int8", "allgather", "two_phase"]
-    return min(names, key=lambda name: estimate(name, numel, world, link))
+    """The collective with the least predicted time for one bucket under `link`."""
+    from ..perfmodel import model as pm
+
+    return pm.choose_collective(numel, world, None, _calibration(link),
+                                bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)

@@ -1,0 +1,3 @@
+"""Kernel benchmarks that print same-run ratios (a copy, the reference twin): ``commcomp bench
+codec`` and ``commcomp bench sketch``. End-to-end network benchmarks need root and two network
+namespaces: ``benchmarks/network.py`` in a source checkout."""
