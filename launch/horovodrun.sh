@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train the MNIST CNN with Horovod and a commcomp compressor, N processes on this machine.
+#
+#   bash launch/horovodrun.sh 4                               # 4 ranks, ternary codes (default)
+#   bash launch/horovodrun.sh 2 --compression sketch --ratio 0.05 --kind srht
+#   bash launch/horovodrun.sh 2 --compression fp16            # Horovod's own baseline
+#
+# What happens:
+# - `horovodrun` starts N copies of examples/train_horovod.py and gives each HOROVOD_RANK,
+#   HOROVOD_SIZE and a rendezvous address; `hvd.init()` in the script reads them.
+# - `--gloo` uses Horovod's Gloo controller and collectives (TCP, no MPI needed). Drop it to run
+#   over MPI (`horovodrun` then calls `mpirun`; Horovod must have been built with MPI, see
+#   `python -c "import horovod.torch as h; print(h.mpi_built())"`).
+# - `-H localhost:N` says: N slots on this host. For several machines list them,
+#   `-H host1:4,host2:4 -np 8`, with passwordless ssh between them and the same Python
+#   environment and code path on each.
+# - Every rank computes the same compression of its own gradients; hvd.DistributedOptimizer
+#   all-reduces (sums or averages) the compressed tensors and decompresses the result, which is
+#   why commcomp's Horovod compressors are built to be linear (see
+#   commcomp/integrations/horovod.py).
+#
+# Horovod is not on PyPI in a form that builds against current torch: run
+# `bash launch/install_horovod.sh` once (about 5 minutes on 2 cores). PYTHON picks the
+# interpreter (default: .venv/bin/python if present, else python3); horovodrun is taken from
+# that interpreter's bin directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+np=${1:-2}
+[ $# -gt 0 ] && shift
+case $np in ''|*[!0-9]*) echo "usage: $0 [N processes] [train_horovod.py options...]" >&2; exit 2;; esac
+
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+if ! "$py" -c "import horovod.torch" 2>/dev/null; then
+  echo "[horovodrun] horovod.torch does not import in $py; run: PYTHON=$py bash launch/install_horovod.sh" >&2
+  exit 1
+fi
+bin=$("$py" -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+runner=$([ -x "$bin/horovodrun" ] && echo "$bin/horovodrun" || command -v horovodrun || true)
+[ -n "$runner" ] || { echo "[horovodrun] no horovodrun launcher next to $py or on PATH" >&2; exit 1; }
+
+# Each rank would otherwise start as many threads as there are cores: share them instead.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+set -x
+exec "$runner" --gloo -np "$np" -H "localhost:$np" "$py" examples/train_horovod.py "$@"
