@@ -125,7 +125,8 @@ def test_model_reproduces_the_network_benchmark():
         import perfmodel_check
     finally:
         sys.path.pop(0)
-    rows = perfmodel_check.check(pm.BUILTIN)
+    rows = [r for r in perfmodel_check.check(pm.BUILTIN) if r["current"]]
+    assert len(rows) >= 6
     worst = max(rows, key=lambda r: abs(r["error"]))
     assert abs(worst["error"]) <= 0.2, worst
 

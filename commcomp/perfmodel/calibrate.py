@@ -9,8 +9,9 @@ It spawns ``world`` ranks on gloo over loopback (CPU) and, in each:
    tracking with ternary compression), alternately, so load that drifts during the run hits
    both: the overhead is the median difference over ``steps`` pairs after two warm-up pairs;
 3. takes each hook's overhead over compute, removes the wire time the model predicts for its
-   bytes on the measured loopback link, and divides the rest by the hook's memory passes:
-   seconds per pass-element, the model's CPU constant for that hook.
+   bytes on the measured loopback link, and splits the rest, from two model sizes (``params``
+   and a quarter of it), into a fixed cost per step and a cost per pass-element (divided by
+   the hook's memory passes): the model's CPU constants for that hook.
 
 Everything else about a deployment (bandwidth, world size, model size) is an input of the
 model; only these machine-dependent costs are measured. Run it with the ranks per host you
@@ -58,72 +59,98 @@ def _allreduce_s(numel: int, steps: int) -> float:
     return _median_step(lambda: dist.all_reduce(t), 2, steps)
 
 
-def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: str) -> None:
+def _hook_overhead(hook, opts, base, size, compute_step, steps) -> float:
+    """Median over `steps` of (DDP step with `hook`) - (compute-only step of `base`), taken
+    alternately so that load drifting during the run hits both."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import commcomp
 
+    m = _mlp(size)
+    m.load_state_dict(base.state_dict())
+    ddp = DDP(m, bucket_cap_mb=25)
+    gt = None
+    if hook == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif hook == "gradient_tracking":
+        gt = commcomp.decentralized.GradientTracking(ddp, 0.01, topology="ring", **opts)
+    elif hook != "none":
+        extra = {"noise_multiplier": 1.0, "clip_norm": 1.0} if hook == "sketch_dp" else {}
+        commcomp.register(ddp, hook, **extra, **opts)
+    diffs = []
+    for i in range(2 + steps):
+        t0 = time.perf_counter()
+        compute_step(base)
+        t_compute = time.perf_counter() - t0
+        dist.barrier()  # the ranks enter the DDP step together, as in training
+        t1 = time.perf_counter()
+        compute_step(ddp)
+        if gt is not None:
+            gt.step()
+        t2 = time.perf_counter()
+        if i >= 2:
+            diffs.append((t2 - t1) - t_compute)
+    return statistics.median(diffs)
+
+
+def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: str) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    torch.manual_seed(0)
-    base = _mlp(params)
-    n = sum(p.numel() for p in base.parameters())
-    width = base[0].in_features
-    x, y = torch.randn(32, width), torch.randn(32, width)
     small = _allreduce_s(1024, steps)
-    big = _allreduce_s(n, steps)
     latency = small / (2 * (world - 1))
-    bandwidth = pm._ring_bytes(4 * n, world) / max(big - 2 * (world - 1) * latency, 1e-9)
+    sizes = [max(1000, params // 4), params]
+    cpu, counts, computes = {}, [], []
+    for size in sizes:
+        torch.manual_seed(0)
+        base = _mlp(size)
+        n = sum(p.numel() for p in base.parameters())
+        counts.append(n)
+        width = base[0].in_features
+        x, y = torch.randn(32, width), torch.randn(32, width)
+        if size == params:
+            big = _allreduce_s(n, steps)
+            bandwidth = pm._ring_bytes(4 * n, world) / max(big - 2 * (world - 1) * latency, 1e-9)
+
+        def compute_step(m):
+            m.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+
+        computes.append(_median_step(lambda: compute_step(base), 2, steps))
+        for hook, opts in CONFIGS:
+            key = pm._cpu_key(hook, opts.get("collective", ""))
+            cpu.setdefault(key, []).append(_hook_overhead(hook, opts, base, size, compute_step, steps))
     link = {"bandwidth_bytes_per_s": bandwidth, "latency_s": latency}
-
-    def compute_step(m):
-        m.zero_grad()
-        ((m(x) - y) ** 2).mean().backward()
-
-    compute = _median_step(lambda: compute_step(base), 2, steps)
-    sc = pm.Scenario(params=n, world=world, bandwidth_bytes_per_s=bandwidth, compute_s=compute, latency_s=latency,
-                     bucket_bytes=25 * 2**20)
-    spe, overheads = {}, {}
+    # Each hook's overhead minus its wire time on this link is its CPU time; two model sizes
+    # split it into a fixed part per step and a part per pass-element.
+    spe, fixed, overheads = {}, {}, {}
     for hook, opts in CONFIGS:
-        m = _mlp(params)
-        m.load_state_dict(base.state_dict())
-        ddp = DDP(m, bucket_cap_mb=25)
-        if hook == "fp16":
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif hook == "gradient_tracking":
-            gt = commcomp.decentralized.GradientTracking(ddp, 0.01, topology="ring", **opts)
-        elif hook != "none":
-            commcomp.register(ddp, hook, **({"noise_multiplier": 1.0, "clip_norm": 1.0} if hook == "sketch_dp" else {}),
-                              **opts)
-
-        def step():
-            compute_step(ddp)
-            if hook == "gradient_tracking":
-                gt.step()
-
-        # Alternate compute-only and hook steps: load that drifts during the run hits both.
-        diffs = []
-        for i in range(2 + steps):
-            t0 = time.perf_counter()
-            compute_step(base)
-            t1 = time.perf_counter()
-            step()
-            t2 = time.perf_counter()
-            if i >= 2:
-                diffs.append((t2 - t1) - (t1 - t0))
-        overhead = statistics.median(diffs)
         key = pm._cpu_key(hook, opts.get("collective", ""))
-        nbytes, msgs, passes = pm.traffic(hook, sc, **opts)
-        wire = msgs * latency + nbytes / bandwidth
-        hidden = min(wire, 2.0 / 3.0 * compute) if hook != "gradient_tracking" else 0.0
-        overheads[key] = overhead
-        spe[key] = max(overhead - (wire - hidden), 0.0) / (passes * n) if passes else 0.0
+        own = []
+        for n, compute, overhead in zip(counts, computes, cpu[key]):
+            sc = pm.Scenario(params=n, world=world, bandwidth_bytes_per_s=bandwidth, compute_s=compute,
+                             latency_s=latency, bucket_bytes=25 * 2**20)
+            nbytes, msgs, passes = pm.traffic(hook, sc, **opts)
+            wire = msgs * latency + nbytes / bandwidth
+            hidden = min(wire, 2.0 / 3.0 * compute) if hook != "gradient_tracking" else 0.0
+            own.append(max(overhead - (wire - hidden), 0.0))
+        overheads[key] = cpu[key][-1]
+        (n1, n2), (c1, c2) = counts, own
+        slope = (c2 - c1) / (passes * (n2 - n1)) if passes and n2 > n1 else 0.0
+        if slope <= 0:  # noise swamped the difference: all of it per element
+            slope, base_s = (c2 / (passes * n2) if passes else 0.0), 0.0
+        else:
+            base_s = max(c2 - slope * passes * n2, 0.0)
+        spe[key], fixed[key] = slope, base_s
+    compute, n = computes[-1], counts[-1]
     # every rank measured; the slowest rank sets the step, so keep the largest of each
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"spe": spe, "overheads": overheads, "link": link, "compute": compute})
+    dist.all_gather_object(gathered, {"spe": spe, "fixed": fixed, "overheads": overheads, "link": link,
+                                      "compute": compute})
     if rank == 0:
         result = {
             "source": f"commcomp calibrate on {os.uname().nodename}, {time.strftime('%Y-%m-%d %H:%M')}",
@@ -132,6 +159,7 @@ def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: s
             "link": {"bandwidth_bytes_per_s": min(g["link"]["bandwidth_bytes_per_s"] for g in gathered),
                      "latency_s": max(g["link"]["latency_s"] for g in gathered)},
             "seconds_per_pass_element": {k: max(g["spe"][k] for g in gathered) for k in spe},
+            "fixed_s": {k: max(g["fixed"][k] for g in gathered) for k in fixed},
             "overhead_s": {k: max(g["overheads"][k] for g in gathered) for k in overheads},
         }
         with open(out, "w") as f:

@@ -6,7 +6,7 @@ latency; a compressor trades bytes for codec work. Here, per step and per rank::
 
     step = compute + cpu(hook) + max(0, wire - overlap)
     wire = messages * latency + bytes_sent / bandwidth
-    cpu  = passes(hook, N) * P * seconds_per_pass_element(hook) * contention
+    cpu  = (fixed(hook) + passes(hook, N) * P * seconds_per_pass_element(hook)) * contention
 
 * ``bytes_sent`` and ``messages`` follow each algorithm (ring all-reduce for fp32 and fp16,
   :func:`commcomp.collectives.ring_allreduce_bytes`; the ternary collectives; a sketch
@@ -15,10 +15,11 @@ latency; a compressor trades bytes for codec work. Here, per step and per rank::
   not in this model: ``commcomp stragglers simulate`` models it on real traces.
 * ``passes(hook, N)`` counts the memory passes of the hook's CPU work per gradient element
   (it grows with N where decoding does: the all-gather collective decodes N payloads).
-* ``seconds_per_pass_element`` is what ``commcomp calibrate`` measures on the local machine:
-  it runs every hook end to end on a loopback group and subtracts the wire time of a plain
-  all-reduce of the same bytes. Without a calibration the model uses the measurement of the
-  2-core development machine (``BUILTIN``), which is wrong for yours: calibrate.
+* ``seconds_per_pass_element`` and ``fixed`` (per step) are what ``commcomp calibrate``
+  measures on the local machine: it runs every hook end to end on a loopback group at two model
+  sizes and subtracts the wire time of the bytes on the loopback link it also measures.
+  Without a calibration the model uses the measurement of the 2-core development machine
+  (``BUILTIN``), which is wrong for yours: calibrate.
 * ``overlap``: DDP starts a bucket's exchange while the backward pass goes on; the model lets
   communication hide behind the backward part of compute (two thirds of it), never more.
 * ``contention``: calibration measured ``ranks_per_host`` processes on ``cores`` cores; a
@@ -42,16 +43,18 @@ from typing import Dict, List, Optional
 TERNARY = ("int8", "allgather", "two_phase")
 HOOKS = ("none", "fp16", "terngrad", "sketch_dp", "gradient_coding", "gradient_tracking")
 
-# Measured by `commcomp calibrate --world 4` on the 2-core development machine (torch 2.13
-# CPU, gloo on loopback), 2026-11-23: seconds per pass-element of each hook's CPU work, with 4
-# ranks sharing 2 cores. Loopback link: see "link".
+# Measured by `commcomp calibrate --world 4 --params 4M` on the 2-core development machine
+# (torch 2.13 CPU, gloo on loopback), 2026-11-23: per hook, the CPU cost per pass-element and
+# per step, with 4 ranks sharing 2 cores. Not fitted to the benchmarks it is checked against.
 BUILTIN = {
-    "source": "builtin: 2-core development machine, 4 ranks, torch 2.13 CPU (commcomp calibrate)",
+    "source": "builtin: commcomp calibrate --world 4 --params 4M on the 2-core development machine, torch 2.13 CPU",
     "ranks_per_host": 4, "cores": 2,
-    "link": {"bandwidth_bytes_per_s": 6.0e8, "latency_s": 2.0e-4},
-    "seconds_per_pass_element": {"none": 4.0e-9, "fp16": 6.0e-9, "terngrad/int8": 1.5e-8,
-                                 "terngrad/allgather": 1.2e-8, "terngrad/two_phase": 1.0e-8,
-                                 "sketch_dp": 1.5e-8, "gradient_tracking": 2.0e-9},
+    "link": {"bandwidth_bytes_per_s": 1.12e9, "latency_s": 8.8e-4},
+    "seconds_per_pass_element": {"none": 5.97e-09, "fp16": 3.09e-09, "terngrad/int8": 1.45e-08,
+                                 "terngrad/allgather": 1.66e-08, "terngrad/two_phase": 9.27e-09,
+                                 "sketch_dp": 2.81e-08, "gradient_tracking": 6.21e-09},
+    "fixed_s": {"none": 0.00687, "fp16": 0.0123, "terngrad/int8": 0.0168, "terngrad/allgather": 0.0113,
+                "terngrad/two_phase": 0.0253, "sketch_dp": 0.00303, "gradient_tracking": 0.0485},
 }
 
 
@@ -175,7 +178,8 @@ def predict(hook: str, sc: Scenario, calibration: Optional[dict] = None, **optio
         spe = cal["seconds_per_pass_element"].get("none", BUILTIN["seconds_per_pass_element"]["none"])
     cal_pressure = max(1.0, cal.get("ranks_per_host", 1) / max(1, cal.get("cores", 1)))
     pressure = max(1.0, sc.ranks_per_host / sc.cores_per_host) if sc.cores_per_host else 1.0
-    cpu = passes * sc.params * spe * pressure / cal_pressure
+    fixed = cal.get("fixed_s", {}).get(_cpu_key(hook, collective), 0.0) if sc.world > 1 else 0.0
+    cpu = (fixed + passes * sc.params * spe) * pressure / cal_pressure
     wire = msgs * sc.latency_s + nbytes / sc.bandwidth_bytes_per_s
     compute = sc.compute_s * ((options.get("s", 1) + 1) if hook == "gradient_coding" else 1)
     hidden = min(wire, 2.0 / 3.0 * sc.compute_s) if hook not in ("gradient_coding", "gradient_tracking") else 0.0
