@@ -169,7 +169,8 @@ def predict(hook: str, sc: Scenario, calibration: Optional[dict] = None, **optio
     s for gradient coding, degree and compressor for gradient tracking)."""
     cal = calibration if calibration is not None else load_calibration()
     collective = options.get("collective", "two_phase")
-    if hook == "terngrad" and collective == "auto":
+    auto = hook == "terngrad" and collective == "auto"
+    if auto:
         collective = choose_collective(sc.params // sc.buckets, sc.world, sc, cal)
         options["collective"] = collective
     nbytes, msgs, passes = traffic(hook, sc, **options)
@@ -186,7 +187,7 @@ def predict(hook: str, sc: Scenario, calibration: Optional[dict] = None, **optio
     step = compute + cpu + wire - hidden
     speedup = sc.world * sc.compute_s / step if step > 0 else float(sc.world)
     detail = {"compute_s": compute, "hidden_s": hidden, "passes_per_element": passes}
-    name = f"terngrad/{collective}" if hook == "terngrad" else hook
+    name = f"terngrad/{collective}" + (" (auto)" if auto else "") if hook == "terngrad" else hook
     return Prediction(name, step, speedup, nbytes, int(msgs), cpu, wire, detail)
 
 
