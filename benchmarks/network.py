@@ -22,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NS = ("ccbench_a", "ccbench_b")
 DEV = ("ccb_va", "ccb_vb")
 ADDR = ("10.231.77.1", "10.231.77.2")  # inside our own namespaces only
+SUBNET = "10.231.77.0/24"  # ADDR are its first two hosts
 PORT = 29641
 HOOKS = [("none", ""), ("fp16", ""), ("powersgd", ""), ("terngrad", "int8"),
          ("terngrad", "allgather"), ("terngrad", "two_phase")]
@@ -92,7 +94,8 @@ def worker(args) -> None:
     if args.hook == "gt":
         return decentralized_worker(args, model, world)
     ddp = DDP(model, bucket_cap_mb=1000 if args.hook == "powersgd" else 25)
-    state = attach_hook(ddp, args.hook, 0, args.collective or "auto")
+    spec = types.SimpleNamespace(hook=args.hook, seed=0, collective=args.collective or "auto", total_steps=None)
+    state, _ = attach_hook(ddp, None, spec, {})
     times = train_steps(ddp, lambda x, y: F.cross_entropy(ddp(x), y).backward(), args.warmup, args.steps)
     n = sum(p.numel() for p in model.parameters())
     if state is not None:
@@ -160,55 +163,37 @@ def _compute_rank(rank, tmp, warmup, steps):
 
 
 # ----------------------------------------------------------------------- the orchestrator
-def sh(*cmd, check=True):
-    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
+def pair():
+    """The two emulated hosts (commcomp.testing.netns; imported here, so --help needs no torch)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # commcomp from this checkout, as the workers get it
+    from commcomp.testing.netns import HostPair
+
+    return HostPair(NS, DEV, SUBNET)
 
 
 def teardown():
-    for ns in NS:
-        sh("ip", "netns", "del", ns, check=False)
+    pair().teardown()
 
 
 def setup():
-    teardown()
-    for ns in NS:
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
-    for ns, dev, addr in zip(NS, DEV, ADDR):
-        sh("ip", "link", "set", dev, "netns", ns)
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    pair().create()
 
 
 def shape(rate: str):
-    for ns, dev in zip(NS, DEV):
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
-        if rate != "unshaped":
-            bits = float(rate.rstrip("bit").replace("g", "e9").replace("m", "e6"))
-            burst = max(64_000, int(bits / 8 / 100))  # >= rate / HZ, with room
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-               "rate", rate, "burst", str(burst), "latency", "200ms")
+    pair().shape(rate)
 
 
 def run_pair(hook: str, collective: str, args, result: str) -> dict:
-    procs = []
-    for node, (ns, dev) in enumerate(zip(NS, DEV)):
-        env = dict(os.environ, GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
-               "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
-               "--master-addr", ADDR[0], "--master-port", str(PORT), __file__, "--worker",
-               "--hook", hook, "--collective", collective, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--result", result]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
+    agents = pair().launch_torchrun(
+        __file__, ["--worker", "--hook", hook, "--collective", collective, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--result", result],
+        nproc_per_node=2, port=PORT, timeout=args.timeout, run_id="ccbench",
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    if any(a.killed for a in agents):
         raise RuntimeError(f"{hook} {collective}: timed out after {args.timeout} s")
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"{hook} {collective} failed:\n" + "\n".join(o[-3000:] for o in outs))
+    if any(a.returncode for a in agents):
+        raise RuntimeError(f"{hook} {collective} failed:\n" + "\n".join(a.output[-3000:] for a in agents))
     with open(result) as f:
         return json.load(f)
 
