@@ -176,7 +176,14 @@ def detect(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         return _triple(env, "openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                        "Open MPI's mpirun")
     if "PMI_RANK" in env:
-        return _triple(env, "mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "mpiexec")
+        # MPICH's mpiexec sets MPI_LOCALRANKID; Cray's and Flux's srun set PMI_LOCAL_RANK, or only SLURM_LOCALID
+        local = next((k for k in ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID") if k in env), None)
+        info = _triple(env, "mpich", "PMI_RANK", "PMI_SIZE", local, "mpiexec")
+        if info.master_port is None and env.get("SLURM_JOB_NODELIST"):  # an srun with PMI: SLURM's rendezvous
+            slurm = _slurm(dict(env, SLURM_PROCID=str(info.rank), SLURM_NTASKS=str(info.world_size)))
+            return dataclasses.replace(slurm, launcher="slurm", local_rank=info.local_rank,
+                                       found=dict(info.found, **slurm.found))
+        return info
     if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
         return _slurm(env)
     return LaunchInfo("none", 0, 1, 0, found={})
@@ -270,7 +277,9 @@ def resolve(info: LaunchInfo, env: Optional[Mapping[str, str]] = None) -> Launch
     if info.launcher == "slurm" and addr is None:
         addr = _slurm_master(env)
     elif info.launcher in ("openmpi", "mpich") and (addr is None or port is None):
-        addr, port = _mpi_master(info) if addr is None else (addr, port)
+        if addr is None:
+            addr, mpi_port = _mpi_master(info)
+            port = port or mpi_port  # an exported MASTER_PORT wins
         if port is None:
             raise LaunchError(f"commcomp: MASTER_ADDR={addr} is set but MASTER_PORT is not; export MASTER_PORT=<a "
                               "free port on rank 0's host, e.g. 29500> for every rank")
@@ -291,6 +300,9 @@ def _device(backend: str, local_rank: int) -> torch.device:
     if backend == "gloo" or not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if count == 1 and local_rank > 0:  # one GPU per task (srun --gpus-per-task=1, per-rank CUDA_VISIBLE_DEVICES)
+        logger.info("commcomp.launch: local rank %d sees one CUDA device: using cuda:0", local_rank)
+        local_rank = 0
     if local_rank >= count:
         raise LaunchError(f"commcomp: local rank {local_rank} but this node has {count} CUDA device(s); start at "
                           f"most {count} processes per node (one per GPU) or set CUDA_VISIBLE_DEVICES")
@@ -342,6 +354,11 @@ def init_from_env(backend: Optional[str] = None, timeout: Union[float, datetime.
                        "Start several with torchrun, srun, mpirun or horovodrun (see launch/README.md)")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         return 0, 1, 0, _device(backend, 0)
+    if info.world_size == 1:  # one task of srun / mpirun -np 1 / RANK=0 WORLD_SIZE=1: nobody to meet
+        logger.info("commcomp.launch: %s with world size 1: a local store, no rendezvous", info.launcher)
+        device = _device(backend, info.local_rank)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
+        return 0, 1, info.local_rank, device
     info = resolve(info, env)
     device = _device(backend, info.local_rank)
     if use_os:
@@ -411,6 +428,12 @@ def _attempt_store(info: LaunchInfo, td: datetime.timedelta):
 
 def _rendezvous_failed(info: LaunchInfo, td: datetime.timedelta, e: BaseException) -> str:
     secs, where = f"{td.total_seconds():g} s", f"{info.master_addr}:{info.master_port}"
+    text = f"{type(e).__name__}: {e}".lower()
+    if not any(w in text for w in ("timeout", "timed out", "connect", "refused", "reset", "store", "socket")):
+        return (f"commcomp: torch.distributed.init_process_group failed on rank {info.rank} of {info.world_size} "
+                f"({_NAMES.get(info.launcher, info.launcher)}, rendezvous {where}): {type(e).__name__}: {e}. "
+                "This is not a rendezvous timeout: check the backend (nccl needs CUDA; gloo works everywhere) "
+                "and the torch installation")
     if info.rank == 0:
         what = (f"rank 0 of {info.world_size} waited {secs} at the rendezvous {where} for the other "
                 f"{info.world_size - 1} rank(s)")

@@ -59,8 +59,14 @@ def test_unknown_hook_and_collective_are_refused():
 
 
 def test_calibration_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMMCOMP_CALIBRATION", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pm.load_calibration()["source"] == pm.BUILTIN["source"]  # no default file: built-in
+    with pytest.raises(ValueError, match="named by --calibration does not exist"):
+        pm.load_calibration(str(tmp_path / "typo.json"))
     monkeypatch.setenv("COMMCOMP_CALIBRATION", str(tmp_path / "none.json"))
-    assert pm.load_calibration()["source"] == pm.BUILTIN["source"]  # no file: built-in
+    with pytest.raises(ValueError, match=r"named by \$COMMCOMP_CALIBRATION does not exist"):
+        pm.load_calibration()
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):

@@ -23,10 +23,10 @@ class LinkModel:
     codec_s_per_element: Optional[float] = None
 
 
-def _calibration(link: LinkModel) -> dict:
+def _calibration(link: LinkModel, calibration: Optional[dict] = None) -> dict:
     from ..perfmodel import model as pm
 
-    cal = pm.load_calibration()
+    cal = calibration if calibration is not None else pm.load_calibration()
     if link.codec_s_per_element is not None:
         spe = dict(cal["seconds_per_pass_element"])
         spe.update({f"terngrad/{c}": link.codec_s_per_element for c in pm.TERNARY})
@@ -45,9 +45,10 @@ def estimate(name: str, numel: int, world: int, link: LinkModel = LinkModel()) -
     return pm.predict("terngrad", sc, _calibration(link), collective=name).step_s
 
 
-def choose(numel: int, world: int, link: LinkModel = LinkModel()) -> str:
-    """The collective with the least predicted time for one bucket under `link`."""
+def choose(numel: int, world: int, link: LinkModel = LinkModel(), calibration: Optional[dict] = None) -> str:
+    """The collective with the least predicted time for one bucket under `link` (CPU costs
+    from `calibration`, default :func:`commcomp.perfmodel.load_calibration`)."""
     from ..perfmodel import model as pm
 
-    return pm.choose_collective(numel, world, None, _calibration(link),
+    return pm.choose_collective(numel, world, None, _calibration(link, calibration),
                                 bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)

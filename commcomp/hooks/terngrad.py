@@ -80,6 +80,14 @@ class TernGradState(HookStateBase):
         self.min_compress_numel = min_compress_numel
         self.seed = seed
         self.link = link
+        # "auto" asks the performance model with this host's calibration, read once here. Each
+        # rank reads its own host's file, so the first step checks that every rank holds the
+        # same one: different calibrations could pick different collectives for one bucket.
+        self._calibration = None
+        if collective == "auto":
+            from ..perfmodel import load_calibration
+
+            self._calibration = load_calibration()
         self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
         self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
 
@@ -87,6 +95,24 @@ class TernGradState(HookStateBase):
         return {"clip_factor": self.clip_factor, "collective": self.collective,
                 "error_feedback": self.error_feedback, "min_compress_numel": self.min_compress_numel,
                 "seed": self.seed}
+
+    def check_first_step(self, device) -> None:
+        if not self._checked and self._calibration is not None:
+            import hashlib
+            import json
+
+            fingerprint = hashlib.sha1(json.dumps(
+                [self._calibration.get(k) for k in ("seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")],
+                sort_keys=True).encode()).hexdigest()[:12]
+            opts = dict(self.options(), hook=self.name, world_size=self.world_size,
+                        auto_collective_calibration=f"{fingerprint} ({self._calibration.get('source', '?')}; give "
+                                                    "every host the same file with $COMMCOMP_CALIBRATION, or pass "
+                                                    "collective='two_phase' (or int8, allgather))")
+            from ._common import check_same_options
+
+            check_same_options(opts, self.world_size, self.process_group, device)
+            self._checked = True
+        super().check_first_step(device)
 
     def _extra_state(self) -> dict:
         if any(not isinstance(k, str) for k in self.residuals):
@@ -104,7 +130,7 @@ class TernGradState(HookStateBase):
         if (bucket_index, numel) not in self.choices:
             name = self.collective
             if name == "auto":
-                name = collectives.choose(numel, self.world_size, self.link)
+                name = collectives.choose(numel, self.world_size, self.link, calibration=self._calibration)
             if name == "int8" and self.world_size > collectives.ternary.INT8_MAX_WORLD:
                 logger.info("terngrad: %d ranks: int8 sums widen to int32", self.world_size)
             self.choices[(bucket_index, numel)] = name

@@ -292,7 +292,7 @@ class TernaryCompressor(HorovodCompressor):
         bad = ~torch.isfinite(absmax)
         n = float(x.numel())
         msg = torch.cat([torch.where(bad, torch.zeros_like(local), local).double(), bad.double(),
-                         torch.tensor([n, -n], dtype=torch.float64)])
+                         torch.tensor([n, -n], dtype=torch.float64, device=x.device)])
         kwargs = {} if self.process_set is None else {"process_set": self.process_set}
         # One name for every call: the call is blocking and all ranks make them in the same order,
         # and a fixed name stays in Horovod's response cache instead of evicting the gradients'.

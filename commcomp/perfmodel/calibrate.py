@@ -154,7 +154,8 @@ def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: s
     if rank == 0:
         result = {
             "source": f"commcomp calibrate on {os.uname().nodename}, {time.strftime('%Y-%m-%d %H:%M')}",
-            "torch": torch.__version__, "ranks_per_host": world, "cores": os.cpu_count(), "params": n,
+            "torch": torch.__version__, "ranks_per_host": world, "params": n,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "compute_s": max(g["compute"] for g in gathered),
             "link": {"bandwidth_bytes_per_s": min(g["link"]["bandwidth_bytes_per_s"] for g in gathered),
                      "latency_s": max(g["link"]["latency_s"] for g in gathered)},

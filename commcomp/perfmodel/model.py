@@ -6,7 +6,7 @@ latency; a compressor trades bytes for codec work. Here, per step and per rank::
 
     step = compute + cpu(hook) + max(0, wire - overlap)
     wire = messages * latency + bytes_sent / bandwidth
-    cpu  = (fixed(hook) + passes(hook, N) * P * seconds_per_pass_element(hook)) * contention
+    cpu  = (fixed(hook) * buckets + passes(hook, N) * P * seconds_per_pass_element(hook)) * contention
 
 * ``bytes_sent`` and ``messages`` follow each algorithm (ring all-reduce for fp32 and fp16,
   :func:`commcomp.collectives.ring_allreduce_bytes`; the ternary collectives; a sketch
@@ -66,10 +66,17 @@ def calibration_path() -> str:
 
 
 def load_calibration(path: Optional[str] = None) -> dict:
-    """The calibration at `path` (default :func:`calibration_path`), or :data:`BUILTIN` when
-    no file exists there. A file that exists but is unreadable is an error, not a fallback."""
-    path = path or calibration_path()
+    """The calibration at `path`, else at ``$COMMCOMP_CALIBRATION``, else at
+    ``~/.cache/commcomp/calibration.json``; :data:`BUILTIN` only when that default file does
+    not exist. A path you named that does not exist, or a file that cannot be read, is an
+    error, not a silent fallback."""
+    named = path or os.environ.get("COMMCOMP_CALIBRATION")
+    path = named or calibration_path()
     if not os.path.exists(path):
+        if named:
+            who = "$COMMCOMP_CALIBRATION" if named == os.environ.get("COMMCOMP_CALIBRATION") else "--calibration"
+            raise ValueError(f"commcomp: the calibration {path} named by {who} does not exist; run `commcomp "
+                             "calibrate --out PATH` to make it, or name none to use the default")
         return dict(BUILTIN)
     try:
         with open(path) as f:
@@ -140,13 +147,13 @@ def traffic(hook: str, sc: Scenario, *, collective: str = "two_phase", sketch_ra
         return _ring_bytes(4 * P, N), B * 2 * (N - 1), 2.0 * (N - 1) / N
     if hook == "fp16":
         return _ring_bytes(2 * P, N), B * 2 * (N - 1), 2.0 + 2.0 * (N - 1) / N
-    if hook == "terngrad":
-        if collective == "int8":  # int8 codes summed by a ring all-reduce (+ the scales' max)
-            return _ring_bytes(P, N), B * 4 * (N - 1), 2.0
-        if collective == "allgather":  # everyone's 2-bit payload, decoded by everyone
-            return (N - 1) * P / 4, B * 2 * (N - 1), 1.0 + N / 4
-        if collective == "two_phase":  # 2-bit reduce-scatter, requantize, 2-bit all-gather
-            return _ring_bytes(P / 4, N), B * 3 * (N - 1), 3.0 + 2.0 / N
+    if hook == "terngrad":  # every collective starts with a MAX all-reduce of the scales: 2(N-1) messages
+        if collective == "int8":  # codes summed by a ring all-reduce: int8, int32 past 127 ranks
+            return _ring_bytes(P if N <= 127 else 4 * P, N), B * 4 * (N - 1), 2.0
+        if collective == "allgather":  # everyone's 2-bit payload (a ring all-gather), decoded by everyone
+            return (N - 1) * P / 4, B * 3 * (N - 1), 1.0 + N / 4
+        if collective == "two_phase":  # 2-bit all-to-all (reduce-scatter), requantize, 2-bit all-gather
+            return _ring_bytes(P / 4, N), B * 4 * (N - 1), 3.0 + 2.0 / N
         raise ValueError(f"commcomp: unknown TernGrad collective {collective!r}; allowed {TERNARY}")
     if hook == "sketch_dp":
         size = max(1.0, sketch_ratio * P)
@@ -179,7 +186,7 @@ def predict(hook: str, sc: Scenario, calibration: Optional[dict] = None, **optio
         spe = cal["seconds_per_pass_element"].get("none", BUILTIN["seconds_per_pass_element"]["none"])
     cal_pressure = max(1.0, cal.get("ranks_per_host", 1) / max(1, cal.get("cores", 1)))
     pressure = max(1.0, sc.ranks_per_host / sc.cores_per_host) if sc.cores_per_host else 1.0
-    fixed = cal.get("fixed_s", {}).get(_cpu_key(hook, collective), 0.0) if sc.world > 1 else 0.0
+    fixed = cal.get("fixed_s", {}).get(_cpu_key(hook, collective), 0.0) * sc.buckets if sc.world > 1 else 0.0
     cpu = (fixed + passes * sc.params * spe) * pressure / cal_pressure
     wire = msgs * sc.latency_s + nbytes / sc.bandwidth_bytes_per_s
     compute = sc.compute_s * ((options.get("s", 1) + 1) if hook == "gradient_coding" else 1)

@@ -86,6 +86,33 @@ def test_ranks_with_different_options_fail_clearly(tmp_path):
     spawn(run_mismatch, 2, tmp_path)
 
 
+def run_calibration_mismatch(rank, world, cal_file):
+    """collective="auto" reads each host's calibration: different files could pick different
+    collectives for one bucket (a hang or garbage); the first step refuses them instead."""
+    import json
+    import os
+
+    from commcomp.perfmodel import BUILTIN
+
+    cal = json.loads(json.dumps(BUILTIN))
+    cal["source"] = "another host"
+    cal["seconds_per_pass_element"]["terngrad/int8"] *= 10
+    with open(cal_file, "w") as f:
+        json.dump(cal, f)
+    os.environ.pop("COMMCOMP_CALIBRATION", None)
+    os.environ["HOME"] = os.path.dirname(cal_file)  # no ~/.cache/commcomp/calibration.json: built-in
+    if rank == 1:
+        os.environ["COMMCOMP_CALIBRATION"] = cal_file
+    model = DDP(make_model(), bucket_cap_mb=0.001)
+    commcomp.register(model, "terngrad")
+    with pytest.raises(RuntimeError, match="auto_collective_calibration"):
+        local_grads(model, rank, torch.float32)
+
+
+def test_ranks_with_different_calibrations_fail_clearly_under_auto(tmp_path):
+    spawn(run_calibration_mismatch, 2, tmp_path, str(tmp_path / "cal.json"))
+
+
 def run_checkpoint(rank, world):
     model, state = ddp_model(torch.float32, error_feedback=True, min_compress_numel=0)
     for _ in range(3):

@@ -93,6 +93,40 @@ def test_mpich():
     assert info.master_addr is None and info.master_port is None
 
 
+def test_pmi_under_srun_takes_the_local_rank_and_slurms_rendezvous():
+    """Cray / Flux srun set PMI_* and PMI_LOCAL_RANK (no MPI_LOCALRANKID): the local rank must
+    not default to 0 (every rank on cuda:0), and the rendezvous is SLURM's."""
+    info = detect({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_LOCAL_RANK": "1"})
+    assert (info.launcher, info.rank, info.local_rank) == ("mpich", 5, 1)
+    env = {"PMI_RANK": "5", "PMI_SIZE": "8", "SLURM_LOCALID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+           "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "1234"}
+    info = detect(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("slurm", 5, 8, 1)
+    assert info.master_port == 15000 + 1234
+
+
+@pytest.mark.parametrize("env", [{"SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+                                 {"PMI_RANK": "0", "PMI_SIZE": "1"},
+                                 {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"},
+                                 {"RANK": "0", "WORLD_SIZE": "1"}])
+def test_one_process_under_a_launcher_needs_no_rendezvous(env):
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    rank, world, local_rank, device = launch.init_from_env(backend="gloo", env=env, timeout=10)
+    try:
+        assert (rank, world, str(device)) == (0, 1, "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_that_is_not_a_timeout_is_not_called_one():
+    info = LaunchInfo("slurm", 0, 2, 0, "h0", 29500, {})
+    msg = launch._rendezvous_failed(info, datetime.timedelta(seconds=60), ValueError("Invalid backend: 'ncll'"))
+    assert "not a rendezvous timeout" in msg and "Invalid backend" in msg and "waited" not in msg
+    msg = launch._rendezvous_failed(info, datetime.timedelta(seconds=60), TimeoutError("timed out after 60 s"))
+    assert "waited 60 s at the rendezvous h0:29500" in msg
+
+
 def test_mpi_without_master_or_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails
     env = {"PMI_RANK": "0", "PMI_SIZE": "2"}
