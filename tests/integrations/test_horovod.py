@@ -397,3 +397,28 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("factory", ["ternary", "sketch"])
+def test_compressors_on_cuda_gradients_match_cpu(factory):
+    """Most Horovod jobs run on GPUs: the compressors take CUDA gradients, return CUDA results,
+    and give what the same run on CPU gives (the same codes; sketches up to summation order)."""
+    n = 2
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        xs = [per_rank(r).to(dev) for r in range(n)]
+
+        def body(hvd):
+            comp = getattr(H.Compression, factory)(seed=3, hvd=hvd)
+            return [hvd.allreduce(xs[hvd.rank()], compression=comp, op=SUM) for _ in range(3)]
+
+        outs[dev] = FakeWorld(n).run(body)
+    for rank_out in outs["cuda"]:
+        assert all(t.is_cuda for t in rank_out)
+        assert all(torch.equal(a, b) for a, b in zip(rank_out, outs["cuda"][0]))
+    for a, b in zip(outs["cuda"][0], outs["cpu"][0]):
+        if factory == "ternary":
+            assert torch.equal(a.cpu(), b)
+        else:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
