@@ -16,7 +16,8 @@ from typing import Optional
 @dataclass(frozen=True)
 class LinkModel:
     """A link for the choice: bandwidth in bytes/s, latency per message in seconds, and
-    optionally one CPU cost per pass-element for every collective (``None``: calibrated)."""
+    optionally one CPU cost per pass-element for every collective, with no fixed cost
+    (``None``: the calibrated costs)."""
 
     bandwidth_bytes_per_s: float = 1.25e8  # 1 Gbit/s
     latency_s: float = 50e-6
@@ -27,10 +28,12 @@ def _calibration(link: LinkModel, calibration: Optional[dict] = None) -> dict:
     from ..perfmodel import model as pm
 
     cal = calibration if calibration is not None else pm.load_calibration()
-    if link.codec_s_per_element is not None:
+    if link.codec_s_per_element is not None:  # the link's one CPU cost replaces the calibrated model
         spe = dict(cal["seconds_per_pass_element"])
         spe.update({f"terngrad/{c}": link.codec_s_per_element for c in pm.TERNARY})
-        cal = dict(cal, seconds_per_pass_element=spe)
+        fixed = dict(cal.get("fixed_s", {}))
+        fixed.update({f"terngrad/{c}": 0.0 for c in pm.TERNARY})
+        cal = dict(cal, seconds_per_pass_element=spe, fixed_s=fixed)
     return cal
 
 
