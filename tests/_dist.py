@@ -86,3 +86,18 @@ def spawn_allowing_deaths(worker, world: int, tmp_path, *args, may_die=(), timeo
     if failures:
         raise AssertionError("\n".join(failures))
     return codes
+
+
+def mpiexec() -> str:
+    """The mpiexec to launch MPI tests with: the one beside this Python (the ``mpich`` wheel's,
+    in a venv), else PATH's; skips the test where there is none."""
+    import shutil
+
+    import pytest
+
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    path = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if path is None:
+        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    return path
+

@@ -57,6 +57,7 @@ Horovod itself is imported on first use, so this module loads without it; build 
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from typing import NamedTuple, Optional
@@ -120,7 +121,7 @@ class Sentinels(NamedTuple):
             "same checkpoint everywhere).")
 
 
-class HorovodCompressor:
+class HorovodCompressor(abc.ABC):
     """What both compressors share: the lazily imported ``hvd``, the call counter that keys
     seeds, the sentinels, byte metrics and checkpoints.
 
@@ -179,11 +180,13 @@ class HorovodCompressor:
         """The summed or averaged tensor (as Horovod's op says) in its original shape and dtype."""
         return tensor if isinstance(ctx, _Raw) else self._decompress(tensor, ctx)
 
+    @abc.abstractmethod
     def _compress(self, tensor, call):
-        raise NotImplementedError
+        """(compressed tensor, ctx) for call number `call` of this compressor."""
 
+    @abc.abstractmethod
     def _decompress(self, tensor, ctx):
-        raise NotImplementedError
+        """The reduced tensor in `ctx`'s shape and dtype."""
 
     def _sentinels(self, call: int, world: int) -> Sentinels:
         return Sentinels(float(mix_seed(self.seed, call, 0x5E) % 1021 + 1), world)  # exact in float32

@@ -1,7 +1,6 @@
 """The gradient-coding coordinator over MPI (mpi4py), run under mpiexec."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,13 +9,7 @@ import pytest
 mpi4py = pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py mpich)")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def mpiexec():
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the mpich wheel's, in a venv
-    path = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("no mpiexec on PATH (pip install mpich)")
-    return path
+from tests._dist import mpiexec  # noqa: E402  (after the skip: this module needs mpi4py)
 
 
 def test_coordinator_over_mpi_decodes_with_stragglers():

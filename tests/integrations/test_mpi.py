@@ -7,7 +7,8 @@ import sys
 import pytest
 
 pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py mpich)")
-from tests.coding.test_mpi_transport import ROOT, mpiexec  # noqa: E402
+from tests._dist import mpiexec  # noqa: E402
+from tests.coding.test_mpi_transport import ROOT  # noqa: E402
 
 
 def test_compressed_allreduce_and_gather_over_mpi():

@@ -4,7 +4,6 @@ look-ups that fill in the rendezvous, and one real run under mpiexec."""
 import datetime
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from commcomp import launch
 from commcomp.launch import LaunchError, LaunchInfo, detect, first_host, resolve
+from tests._dist import mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -189,19 +189,11 @@ def test_a_restarted_attempt_does_not_meet_the_previous_attempts_store():
         launch._servers.remove(server)
 
 
-def _mpiexec():
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the mpich wheel's, in a venv
-    path = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("no mpiexec on PATH (pip install mpich)")
-    return path
-
-
-def test_init_from_env_under_mpiexec():
+def test_init_from_env_undermpiexec():
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py mpich)")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "tests.launch._mpi_init"]
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "tests.launch._mpi_init"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count(": ok") == 2, out.stdout
