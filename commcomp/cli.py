@@ -276,7 +276,8 @@ def add_info(sub) -> None:
 _PERF_EPILOG = """\
 the model (commcomp.perfmodel; the TernGrad paper's scalability analysis is its anchor):
   step = compute + cpu + max(0, wire - overlap),  wire = messages x latency + bytes / bandwidth,
-  cpu = the hook's memory passes x params x the calibrated cost per pass-element.
+  cpu = a calibrated cost per bucket + the hook's memory passes x params x a calibrated cost per
+  pass-element.
   speed-up = N x compute / step (N workers' throughput over one worker's). Bytes and messages
   follow each algorithm per DDP bucket; CPU costs come from `commcomp calibrate` (run it once on
   your machine with the ranks per host you deploy), else from a built-in calibration of a 2-core
@@ -422,10 +423,11 @@ def _cmd_calibrate(a) -> int:
 def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="measure this machine's codec and hook costs for the performance model",
                        description="Spawn --world ranks on gloo over loopback, time plain all-reduces (latency, "
-                                   "bandwidth), a compute-only step and a DDP step with every hook, and save each "
-                                   "hook's CPU cost per pass-element. Run it with the ranks per host you deploy "
-                                   "with: their contention for cores is part of the cost. The link of your "
-                                   "cluster is an input of `commcomp perfmodel`, not measured here.",
+                                   "bandwidth), a compute-only step and a DDP step with every hook at two model "
+                                   "sizes, and save each hook's CPU cost per bucket and per pass-element. "
+                                   "Run it with the ranks per host you deploy with: their contention for cores is "
+                                   "part of the cost. The link of your cluster is an input of `commcomp perfmodel`, "
+                                   "not measured here.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=4, help="local ranks (default 4)")
     p.add_argument("--params", type=_count, default=2_000_000, help="parameters of the timed MLP (default 2M)")

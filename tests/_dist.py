@@ -101,3 +101,18 @@ def mpiexec() -> str:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
     return path
 
+
+def run_mpi_module(module: str, n: int, env=None, timeout: float = 240) -> str:
+    """Run ``python -m module`` under ``mpiexec -n n`` from the repository root; every rank
+    must exit 0 and print "<rank>: ok". Returns the output."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([mpiexec(), "-n", str(n), sys.executable, "-m", module], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count(": ok") == n, out.stdout
+    return out.stdout
+

@@ -5,7 +5,6 @@ import datetime
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 from commcomp import launch
 from commcomp.launch import LaunchError, LaunchInfo, detect, first_host, resolve
-from tests._dist import mpiexec
+from tests._dist import run_mpi_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -189,11 +188,7 @@ def test_a_restarted_attempt_does_not_meet_the_previous_attempts_store():
         launch._servers.remove(server)
 
 
-def test_init_from_env_undermpiexec():
+def test_init_from_env_under_mpiexec():
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py mpich)")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "tests.launch._mpi_init"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count(": ok") == 2, out.stdout
+    run_mpi_module("tests.launch._mpi_init", 2, env=env, timeout=180)
