@@ -21,8 +21,8 @@
 #
 # Horovod is not on PyPI in a form that builds against current torch: run
 # `bash launch/install_horovod.sh` once (about 5 minutes on 2 cores). PYTHON picks the
-# interpreter (default: .venv/bin/python if present, else python3); horovodrun is taken from
-# that interpreter's bin directory.
+# interpreter (default: .venv/bin/python if present, else python3); horovodrun is that
+# interpreter's `python -m horovod.runner.launch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,11 +35,12 @@ if ! "$py" -c "import horovod.torch" 2>/dev/null; then
   echo "[horovodrun] horovod.torch does not import in $py; run: PYTHON=$py bash launch/install_horovod.sh" >&2
   exit 1
 fi
-bin=$("$py" -c "import sysconfig; print(sysconfig.get_path('scripts'))")
-runner=$([ -x "$bin/horovodrun" ] && echo "$bin/horovodrun" || command -v horovodrun || true)
-[ -n "$runner" ] || { echo "[horovodrun] no horovodrun launcher next to $py or on PATH" >&2; exit 1; }
+# `horovodrun` is a console script for the module horovod.runner.launch: run the module with $py,
+# so the launcher is the one installed with that interpreter's Horovod even where no horovodrun
+# is on PATH (a venv that sees a system-wide Horovod has none of its own).
+runner=("$py" -m horovod.runner.launch)
 
 # Each rank would otherwise start as many threads as there are cores: share them instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 set -x
-exec "$runner" --gloo -np "$np" -H "localhost:$np" "$py" examples/train_horovod.py "$@"
+exec "${runner[@]}" --gloo -np "$np" -H "localhost:$np" "$py" examples/train_horovod.py "$@"
