@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Train the MNIST CNN with Horovod and a commcomp compressor, N processes on this machine.
+# Train the MNIST CNN under horovodrun, N processes on this machine, in one of two ways:
 #
+# Horovod's own loop (hvd.DistributedOptimizer) with a commcomp compressor,
+# examples/train_horovod.py:
 #   bash launch/horovodrun.sh 4                               # 4 ranks, ternary codes (default)
 #   bash launch/horovodrun.sh 2 --compression sketch --ratio 0.05 --kind srht
 #   bash launch/horovodrun.sh 2 --compression fp16            # Horovod's own baseline
+#
+# The DDP demo with any commcomp hook, examples/train_ddp.py (chosen when the arguments name a
+# --hook): horovodrun starts the processes, commcomp.launch.init_from_env() builds the
+# torch.distributed group from Horovod's environment, and torch.distributed carries the traffic:
+#   bash launch/horovodrun.sh 2 --hook terngrad --opt error_feedback=True
+#   bash launch/horovodrun.sh 2 --hook gradient_tracking --opt compressor=ternary --steps 50
 #
 # What happens:
 # - `horovodrun` starts N copies of examples/train_horovod.py and gives each HOROVOD_RANK,
@@ -43,4 +51,8 @@ runner=("$py" -m horovod.runner.launch)
 # Each rank would otherwise start as many threads as there are cores: share them instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 set -x
-exec "${runner[@]}" --gloo -np "$np" -H "localhost:$np" "$py" examples/train_horovod.py "$@"
+script=examples/train_horovod.py
+for arg in "$@"; do
+  case $arg in --hook|--hook=*) script=examples/train_ddp.py; break;; esac
+done
+exec "${runner[@]}" --gloo -np "$np" -H "localhost:$np" "$py" "$script" "$@"

@@ -5,6 +5,7 @@ This file is also the worker of the real test: ``python -m tests.integrations.te
 """
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -328,6 +329,24 @@ def test_under_horovodrun_gloo_two_ranks():
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert out.stdout.count("horovod worker ok") == 2, out.stdout[-4000:]
+
+
+@pytest.mark.slow
+def test_recipe_runs_the_ddp_demo_with_a_hook_under_horovodrun(tmp_path):
+    """launch/horovodrun.sh with --hook: train_ddp.py's group comes from Horovod's environment."""
+    _horovod_or_skip()
+    log = tmp_path / "steps.jsonl"
+    cmd = ["bash", "launch/horovodrun.sh", "2", "--hook", "terngrad", "--opt", "error_feedback=True",
+           "--steps", "4", "--log-jsonl", str(log), "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "examples/train_ddp.py --hook terngrad" in out.stderr  # the recipe chose the DDP demo
+    assert "terngrad  epoch 1: test accuracy" in out.stdout, out.stdout[-4000:]
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert json.loads((tmp_path / "terngrad-seed0.json").read_text())["acc"]
 
 
 def _worker() -> None:
