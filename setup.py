@@ -7,6 +7,8 @@ Build against the torch you run: ``pip install --no-build-isolation -e .``.
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -53,4 +55,35 @@ def extensions():
     ]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
+# libstdc++'s `std::ostream::_M_insert<long>`: undefined (taken from libstdc++.so) in a normal
+# build, defined when the toolchain linked libstdc++ statically into the extension.
+_OWN_LIBSTDCXX = "_ZNSo9_M_insertIlEERSoT_"
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension, refusing an extension that carries its own copy of libstdc++.
+
+    Such a copy (a compiler wrapper that links libstdc++ statically, as one GPU image's did)
+    gives the extension a second std::ostream next to torch's, and formatting a number into an
+    error a kernel raises then breaks: on the H100 image the process crashed (SIGSEGV), on this
+    CPU build the message stops at the number ("sketch_size = " and nothing after it).
+    """
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        nm = shutil.which("nm")
+        if nm is None or not os.path.exists(path) or os.environ.get("COMMCOMP_ALLOW_STATIC_LIBSTDCXX") == "1":
+            return
+        symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
+        if _OWN_LIBSTDCXX in symbols:
+            os.remove(path)
+            cxx = os.environ.get("CXX", "c++")
+            raise SystemExit(
+                f"commcomp: {path} was linked with its own static copy of libstdc++ (CXX={cxx}); errors raised "
+                "by its kernels would lose their text or crash the process. Build with a compiler that links libstdc++.so, e.g. "
+                "`CC=gcc CXX=g++ pip install --no-build-isolation -e .`, without -static-libstdc++ in LDFLAGS or "
+                "in a compiler wrapper (COMMCOMP_ALLOW_STATIC_LIBSTDCXX=1 keeps such a build anyway)")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": Build})
