@@ -80,9 +80,9 @@ class Build(BuildExtension):
             os.remove(path)
             cxx = os.environ.get("CXX", "c++")
             raise SystemExit(
-                f"commcomp: {path} was linked with its own static copy of libstdc++ (CXX={cxx}); errors raised "
-                "by its kernels would lose their text or crash the process. Build with a compiler that links libstdc++.so, e.g. "
-                "`CC=gcc CXX=g++ pip install --no-build-isolation -e .`, without -static-libstdc++ in LDFLAGS or "
+                f"commcomp: {path} was linked with its own static copy of libstdc++ (CXX={cxx}); errors "
+                "raised by its kernels would lose their text or crash the process. Build with a compiler that "
+                "links libstdc++.so, e.g. `CC=gcc CXX=g++ pip install --no-build-isolation -e .`, without -static-libstdc++ in LDFLAGS or "
                 "in a compiler wrapper (COMMCOMP_ALLOW_STATIC_LIBSTDCXX=1 keeps such a build anyway)")
 
 

@@ -324,7 +324,8 @@ def test_under_horovodrun_gloo_two_ranks():
     # `horovodrun` is a console script for horovod.runner.launch. Run the module with this
     # interpreter: a venv that sees a system-wide Horovod has no horovodrun of its own, and the
     # system one need not be on PATH (CI's was not).
-    cmd = [sys.executable, "-m", "horovod.runner.launch", "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "tests.integrations.test_horovod"]
+    cmd = [sys.executable, "-m", "horovod.runner.launch", "--gloo", "-np", "2", "-H", "localhost:2",
+           sys.executable, "-m", "tests.integrations.test_horovod"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
