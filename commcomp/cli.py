@@ -233,7 +233,8 @@ def _info() -> dict:
         try:
             from mpi4py import MPI
 
-            info["mpi4py"] = MPI.Get_library_version().strip().splitlines()[0]
+            # Open MPI's string ends in a NUL byte (it counts the terminator), which made this output binary
+            info["mpi4py"] = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         except Exception as exc:  # noqa: BLE001 - e.g. no MPI library behind the wheel
             info["mpi4py"] = f"installed, but MPI failed to load ({exc})"
     if has("horovod"):

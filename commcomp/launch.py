@@ -242,6 +242,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _mpi_library(MPI) -> str:
+    """The first line of the MPI library's version (Open MPI's ends in a NUL byte: dropped)."""
+    return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
+
+
 def _mpi_master(info: LaunchInfo) -> Tuple[str, int]:
     """Rank 0's hostname and a free port on it, broadcast with mpi4py."""
     what = "mpirun" if info.launcher == "openmpi" else "mpiexec"
@@ -255,7 +260,7 @@ def _mpi_master(info: LaunchInfo) -> Tuple[str, int]:
     if comm.Get_size() != info.world_size or comm.Get_rank() != info.rank:
         raise LaunchError(f"commcomp: mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but the environment says "
                           f"rank {info.rank} of {info.world_size} ({info.launcher}): mpi4py was built for another MPI "
-                          f"than the {what} that started this job ({MPI.Get_library_version().splitlines()[0]}). Use "
+                          f"than the {what} that started this job ({_mpi_library(MPI)}). Use "
                           "that MPI's mpiexec, or export MASTER_ADDR and MASTER_PORT")
     mine = (os.environ.get("MASTER_ADDR") or socket.gethostname(), _free_port()) if info.rank == 0 else None
     addr, port = comm.bcast(mine, root=0)

