@@ -82,8 +82,9 @@ class Build(BuildExtension):
             raise SystemExit(
                 f"commcomp: {path} was linked with its own static copy of libstdc++ (CXX={cxx}); errors "
                 "raised by its kernels would lose their text or crash the process. Build with a compiler that "
-                "links libstdc++.so, e.g. `CC=gcc CXX=g++ pip install --no-build-isolation -e .`, without -static-libstdc++ in LDFLAGS or "
-                "in a compiler wrapper (COMMCOMP_ALLOW_STATIC_LIBSTDCXX=1 keeps such a build anyway)")
+                "links libstdc++.so, e.g. `CC=gcc CXX=g++ pip install --no-build-isolation -e .`, without "
+                "-static-libstdc++ in LDFLAGS or in a compiler wrapper (COMMCOMP_ALLOW_STATIC_LIBSTDCXX=1 keeps "
+                "such a build anyway)")
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": Build})
