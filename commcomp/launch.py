@@ -86,6 +86,7 @@ class LaunchInfo:
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
     found: Dict[str, str] = dataclasses.field(default_factory=dict)
+    local_rank_known: bool = True  # False: the launcher set no local-rank variable (0 was assumed)
 
     def describe(self) -> str:
         where = f"{self.master_addr or '?'}:{self.master_port or '?'}"
@@ -124,9 +125,10 @@ def _triple(env: Mapping[str, str], launcher: str, rank: str, size: str, local: 
     r, n = _int(env, rank), _int(env, size, low=1)
     if r >= n:
         raise LaunchError(f"commcomp: {rank}={r} is not below {size}={n}; ranks run 0..{n - 1}")
-    lr = _int(env, local) if local and local in env else 0
+    known = bool(local) and local in env
+    lr = _int(env, local) if known else 0
     found = {k: env[k] for k in (rank, size, local, "MASTER_ADDR", "MASTER_PORT") if k and k in env}
-    return LaunchInfo(launcher, r, n, lr, env.get("MASTER_ADDR") or None, _port(env), found)
+    return LaunchInfo(launcher, r, n, lr, env.get("MASTER_ADDR") or None, _port(env), found, known)
 
 
 def _horovod(env: Mapping[str, str]) -> LaunchInfo:
@@ -182,7 +184,7 @@ def detect(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         if info.master_port is None and env.get("SLURM_JOB_NODELIST"):  # an srun with PMI: SLURM's rendezvous
             slurm = _slurm(dict(env, SLURM_PROCID=str(info.rank), SLURM_NTASKS=str(info.world_size)))
             return dataclasses.replace(slurm, launcher="slurm", local_rank=info.local_rank,
-                                       found=dict(info.found, **slurm.found))
+                                       local_rank_known=info.local_rank_known, found=dict(info.found, **slurm.found))
         return info
     if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
         return _slurm(env)
@@ -301,10 +303,22 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _device(backend: str, local_rank: int) -> torch.device:
+# the variable each launcher's local rank is read from (see detect); named in errors
+_LOCAL_VARS = {"torchrun": "LOCAL_RANK", "env": "LOCAL_RANK", "horovod": "HOROVOD_LOCAL_RANK",
+               "openmpi": "OMPI_COMM_WORLD_LOCAL_RANK", "mpich": "MPI_LOCALRANKID", "slurm": "SLURM_LOCALID"}
+
+
+def _device(backend: str, local_rank: int, info: Optional[LaunchInfo] = None) -> torch.device:
     if backend == "gloo" or not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if info is not None and not info.local_rank_known and info.world_size > 1 and count > 1:
+        # several ranks may share this node, and nothing says which GPU is whose: cuda:0 for all
+        # of them would crowd one GPU (or fail in NCCL), so ask instead of guessing
+        raise LaunchError(f"commcomp: {_NAMES.get(info.launcher, info.launcher)} set no local rank for rank "
+                          f"{info.rank} of {info.world_size}, and this node has {count} CUDA devices: every rank "
+                          f"would use cuda:0. Export {_LOCAL_VARS.get(info.launcher, 'LOCAL_RANK')}=<this process's index on "
+                          "its node> in each process, or give each process one GPU with CUDA_VISIBLE_DEVICES")
     if count == 1 and local_rank > 0:  # one GPU per task (srun --gpus-per-task=1, per-rank CUDA_VISIBLE_DEVICES)
         logger.info("commcomp.launch: local rank %d sees one CUDA device: using cuda:0", local_rank)
         local_rank = 0
@@ -365,7 +379,7 @@ def init_from_env(backend: Optional[str] = None, timeout: Union[float, datetime.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         return 0, 1, info.local_rank, device
     info = resolve(info, env)
-    device = _device(backend, info.local_rank)
+    device = _device(backend, info.local_rank, info)
     if use_os:
         for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
                            ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", info.master_port)):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from commcomp import launch
@@ -234,3 +235,36 @@ def test_mpirun_recipe_trains_two_ranks(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [d["step"] for d in lines] == [1, 2, 3], lines
     assert all(math.isfinite(d["loss"]) and 0 < d["loss"] < 10 for d in lines), lines
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """torch.cuda as on a node with 4 GPUs (no GPU is touched: set_device only records)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+@pytest.mark.parametrize("env, var", [
+    ({"RANK": "1", "WORLD_SIZE": "4"}, "LOCAL_RANK"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "MPI_LOCALRANKID"),
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4"}, "HOROVOD_LOCAL_RANK"),
+])
+def test_several_ranks_and_gpus_without_a_local_rank_is_refused(four_gpus, env, var):
+    info = detect(env)
+    assert not info.local_rank_known
+    with pytest.raises(LaunchError, match=f"this node has 4 CUDA devices: every rank would use cuda:0. Export {var}="):
+        launch._device("nccl", info.local_rank, info)
+    assert four_gpus == []  # nothing was chosen
+
+
+def test_a_given_local_rank_picks_its_gpu_and_one_gpu_per_task_needs_none(four_gpus, monkeypatch):
+    info = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert info.local_rank_known
+    assert launch._device("nccl", info.local_rank, info) == torch.device("cuda", 1)
+    assert launch._device("gloo", 0, detect({"RANK": "1", "WORLD_SIZE": "4"})) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per task: no ambiguity
+    assert launch._device("nccl", 0, detect({"RANK": "1", "WORLD_SIZE": "4"})) == torch.device("cuda", 0)
+    assert four_gpus == [1, 0]
