@@ -299,10 +299,21 @@ def build(args, world: int, device, data):
     return model, ddp, opt, state, gt
 
 
+def set_threads(world: int) -> None:
+    """OMP_NUM_THREADS when the launcher or the user set it (every recipe in launch/ does; SLURM's
+    is --cpus-per-task), else this machine's cores shared by the ranks on it."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    local = next((os.environ[k] for k in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                                          "HOROVOD_LOCAL_SIZE") if os.environ.get(k, "").isdigit()), None)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(local) if local else world)))
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, _, device = init_from_env()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    set_threads(world)
     data = mnist()
     (train_x, train_y), test = data
     per_step = world * args.batch
