@@ -75,7 +75,9 @@ class Build(BuildExtension):
         nm = shutil.which("nm")
         if nm is None or not os.path.exists(path) or os.environ.get("COMMCOMP_ALLOW_STATIC_LIBSTDCXX") == "1":
             return
-        symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
+        # the symbol table, and the dynamic one (all that is left of a stripped build)
+        symbols = "".join(subprocess.run([nm, *flags, "--defined-only", path], capture_output=True, text=True).stdout
+                          for flags in ([], ["-D"]))
         if _OWN_LIBSTDCXX in symbols:
             os.remove(path)
             cxx = os.environ.get("CXX", "c++")

@@ -17,7 +17,7 @@ if [ ! -x "$ompi/bin/python" ]; then
   # every site directory of the main interpreter, processed (.pth files too: the editable commcomp)
   "$py" - "$ompi" <<'PY'
 import os, site, sys, sysconfig
-dirs = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]  # Debian: dist-
 target = os.path.join(sys.argv[1], "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
 with open(os.path.join(target, "commcomp-main-env.pth"), "w") as f:
     f.write("import site; " + "; ".join(f"site.addsitedir({os.path.abspath(d)!r})" for d in dirs) + "\n")

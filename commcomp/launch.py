@@ -308,17 +308,39 @@ _LOCAL_VARS = {"torchrun": "LOCAL_RANK", "env": "LOCAL_RANK", "horovod": "HOROVO
                "openmpi": "OMPI_COMM_WORLD_LOCAL_RANK", "mpich": "MPI_LOCALRANKID", "slurm": "SLURM_LOCALID"}
 
 
-def _device(backend: str, local_rank: int, info: Optional[LaunchInfo] = None) -> torch.device:
+_LOCAL_SIZES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "HOROVOD_LOCAL_SIZE",
+                "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+
+
+def _shared_node(env: Mapping[str, str]) -> Optional[str]:
+    """``"NAME=value"`` of the first variable saying that several ranks run on this node, or None.
+    (SLURM's per-node counts read like ``2(x4)`` or ``4,2``: any count above 1 counts.)"""
+    for name in _LOCAL_SIZES:
+        counts = [int(c) for c in re.findall(r"(\d+)(?:\(x\d+\))?", env.get(name, ""))]
+        if any(c > 1 for c in counts):
+            return f"{name}={env[name]}"
+    return None
+
+
+def _device(backend: str, local_rank: int, info: Optional[LaunchInfo] = None,
+            env: Optional[Mapping[str, str]] = None) -> torch.device:
     if backend == "gloo" or not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if info is not None and not info.local_rank_known and info.world_size > 1 and count > 1:
-        # several ranks may share this node, and nothing says which GPU is whose: cuda:0 for all
-        # of them would crowd one GPU (or fail in NCCL), so ask instead of guessing
-        raise LaunchError(f"commcomp: {_NAMES.get(info.launcher, info.launcher)} set no local rank for rank "
-                          f"{info.rank} of {info.world_size}, and this node has {count} CUDA devices: every rank "
-                          f"would use cuda:0. Export {_LOCAL_VARS.get(info.launcher, 'LOCAL_RANK')}=<this process's index on "
-                          "its node> in each process, or give each process one GPU with CUDA_VISIBLE_DEVICES")
+        var = _LOCAL_VARS.get(info.launcher, "LOCAL_RANK")
+        shared = _shared_node(os.environ if env is None else env)
+        if shared is not None:
+            # several ranks share this node and nothing says which GPU is whose: cuda:0 for all
+            # of them would crowd one GPU (or fail in NCCL), so ask instead of guessing
+            raise LaunchError(f"commcomp: {_NAMES.get(info.launcher, info.launcher)} set no local rank for rank "
+                              f"{info.rank} of {info.world_size}, several ranks share this node ({shared}) and it "
+                              f"has {count} CUDA devices: every rank would use cuda:0. Export {var}=<this "
+                              "process's index on its node> in each process, or give each process one GPU with "
+                              "CUDA_VISIBLE_DEVICES")
+        logger.warning("commcomp.launch: %s set no local rank (%s) and this node has %d CUDA devices: using cuda:0, "
+                       "right for one rank per node; with several ranks per node export %s in each",
+                       _NAMES.get(info.launcher, info.launcher), var, count, var)
     if count == 1 and local_rank > 0:  # one GPU per task (srun --gpus-per-task=1, per-rank CUDA_VISIBLE_DEVICES)
         logger.info("commcomp.launch: local rank %d sees one CUDA device: using cuda:0", local_rank)
         local_rank = 0
@@ -379,7 +401,7 @@ def init_from_env(backend: Optional[str] = None, timeout: Union[float, datetime.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         return 0, 1, info.local_rank, device
     info = resolve(info, env)
-    device = _device(backend, info.local_rank, info)
+    device = _device(backend, info.local_rank, info, env)
     if use_os:
         for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
                            ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", info.master_port)):

@@ -300,14 +300,16 @@ def build(args, world: int, device, data):
 
 
 def set_threads(world: int) -> None:
-    """OMP_NUM_THREADS when the launcher or the user set it (every recipe in launch/ does; SLURM's
-    is --cpus-per-task), else this machine's cores shared by the ranks on it."""
-    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    """Threads for this rank: SLURM's --cpus-per-task when srun started it, else this machine's
+    cores shared by the ranks on it (the launchers' local sizes; else the whole world). The
+    recipes export OMP_NUM_THREADS=1 for OpenMP's sake, and torchrun does too, so it is not read."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0:
+        torch.set_num_threads(int(cpus))
         return
-    local = next((os.environ[k] for k in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-                                          "HOROVOD_LOCAL_SIZE") if os.environ.get(k, "").isdigit()), None)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(local) if local else world)))
+    local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                                               "HOROVOD_LOCAL_SIZE") if os.environ.get(k, "").isdigit()), 0)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local or world)))
 
 
 def main(argv=None):

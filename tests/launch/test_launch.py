@@ -248,23 +248,34 @@ def four_gpus(monkeypatch):
 
 
 @pytest.mark.parametrize("env, var", [
-    ({"RANK": "1", "WORLD_SIZE": "4"}, "LOCAL_RANK"),
-    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "MPI_LOCALRANKID"),
-    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4"}, "HOROVOD_LOCAL_RANK"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, "MPI_LOCALRANKID"),
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "4"}, "HOROVOD_LOCAL_RANK"),
 ])
-def test_several_ranks_and_gpus_without_a_local_rank_is_refused(four_gpus, env, var):
+def test_ranks_sharing_a_multi_gpu_node_without_a_local_rank_are_refused(four_gpus, env, var):
     info = detect(env)
     assert not info.local_rank_known
-    with pytest.raises(LaunchError, match=f"this node has 4 CUDA devices: every rank would use cuda:0. Export {var}="):
-        launch._device("nccl", info.local_rank, info)
+    with pytest.raises(LaunchError, match=f"share this node .* every rank would use cuda:0. Export {var}="):
+        launch._device("nccl", info.local_rank, info, env)
     assert four_gpus == []  # nothing was chosen
 
 
+@pytest.mark.parametrize("sizes", [{}, {"LOCAL_WORLD_SIZE": "1"}, {"SLURM_TASKS_PER_NODE": "1(x8)"}])
+def test_one_rank_per_multi_gpu_node_without_a_local_rank_takes_cuda0_with_a_warning(four_gpus, caplog, sizes):
+    env = dict({"RANK": "3", "WORLD_SIZE": "8"}, **sizes)  # e.g. one process per node, started by hand
+    with caplog.at_level(logging.WARNING, logger="commcomp.launch"):
+        assert launch._device("nccl", 0, detect(env), env) == torch.device("cuda", 0)
+    assert "set no local rank (LOCAL_RANK)" in caplog.text and "export LOCAL_RANK" in caplog.text
+    assert four_gpus == [0]
+
+
 def test_a_given_local_rank_picks_its_gpu_and_one_gpu_per_task_needs_none(four_gpus, monkeypatch):
-    info = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    info = detect(env)
     assert info.local_rank_known
-    assert launch._device("nccl", info.local_rank, info) == torch.device("cuda", 1)
-    assert launch._device("gloo", 0, detect({"RANK": "1", "WORLD_SIZE": "4"})) == torch.device("cpu")
+    assert launch._device("nccl", info.local_rank, info, env) == torch.device("cuda", 1)
+    shared = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    assert launch._device("gloo", 0, detect(shared), shared) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per task: no ambiguity
-    assert launch._device("nccl", 0, detect({"RANK": "1", "WORLD_SIZE": "4"})) == torch.device("cuda", 0)
+    assert launch._device("nccl", 0, detect(shared), shared) == torch.device("cuda", 0)
     assert four_gpus == [1, 0]

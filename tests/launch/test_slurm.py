@@ -100,8 +100,12 @@ def job_env(conf):
 
 
 def job_info(env, job):
-    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, env=env,
-                         timeout=30, check=False).stdout
+    """scontrol's fields of the job; {} when scontrol did not answer (a busy slurmctld)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, env=env,
+                             timeout=30, check=False).stdout
+    except subprocess.TimeoutExpired:
+        return {}
     return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
 
@@ -126,10 +130,10 @@ def wait_for(env, jobs, timeout):
     deadline = time.monotonic() + timeout
     while True:
         states = {job: job_info(env, job).get("JobState", "?") for job in jobs}
-        if not ACTIVE.intersection(states.values()):
+        if not (ACTIVE | {"?"}).intersection(states.values()):  # "?": no answer yet, ask again
             return states
         if time.monotonic() > deadline:
-            late = [job for job, state in states.items() if state in ACTIVE]
+            late = [job for job, state in states.items() if state in ACTIVE or state == "?"]
             subprocess.run(["scancel", *map(str, late)], env=env, timeout=30, check=False)
             end = time.monotonic() + 15
             while time.monotonic() < end and any(job_info(env, j).get("JobState") in ACTIVE for j in late):
