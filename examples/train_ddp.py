@@ -49,6 +49,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from packaging.version import Version
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -391,7 +392,9 @@ def finish(args, state, log, rank: int) -> None:
             json.dump(log, f)
     if hasattr(state, "close"):
         state.close()  # gradient coding: deliver the last rounds before the group goes away
-    dist.destroy_process_group()
+    # torch < 2.8 can deadlock destroying a gloo group (pytorch/pytorch#154976); exit_now ends it
+    if Version(torch.__version__).release >= (2, 8):
+        dist.destroy_process_group()
     exit_now()
 
 

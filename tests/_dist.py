@@ -15,6 +15,13 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from packaging.version import Version
+
+# Before torch 2.8, destroying a gloo process group holds the GIL while it joins gloo's worker
+# threads, and a worker still freeing a finished collective's tensors waits for the GIL: a
+# deadlock (about one run in three here; fixed by pytorch/pytorch#154976). There a rank leaves
+# its group alive: a passing rank ends in os._exit below, a failing one at interpreter exit.
+_DESTROY_IS_SAFE = Version(torch.__version__).release >= (2, 8)
 
 
 def _entry(rank, worker, world, init_file, args):
@@ -27,7 +34,8 @@ def _entry(rank, worker, world, init_file, args):
     try:
         worker(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if _DESTROY_IS_SAFE:
+            dist.destroy_process_group()
     # The rank passed. Skip interpreter teardown: gloo's worker threads can still be releasing
     # the last collective's tensors, whose Python objects need the GIL, and a thread that asks
     # for it during finalization aborts the process ("terminate called without an active

@@ -252,7 +252,12 @@ def default_block(numel: int) -> int:
     """The SRHT block used when none is given: the smallest power of two >= ``numel``, at
     most 4096 (a 16 KiB transform that stays in L1 or in a CUDA block's shared memory)."""
     numel = _checks.sketch_numel(numel)
-    return min(4096, 1 << (max(numel, 1) - 1).bit_length())
+    # A loop rather than int.bit_length(): torch.compile before 2.5 cannot trace bit_length
+    # (srht's default block is computed inside compiled steps).
+    block = 1
+    while block < min(numel, 4096):
+        block <<= 1
+    return block
 
 
 def srht(x: torch.Tensor, sketch_size: int, seed: int, block: Optional[int] = None) -> torch.Tensor:

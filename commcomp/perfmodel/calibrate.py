@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from packaging.version import Version
 
 from . import model as pm
 
@@ -165,7 +166,9 @@ def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: s
         }
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
-    dist.destroy_process_group()
+    # torch < 2.8 can deadlock destroying a gloo group (pytorch/pytorch#154976); os._exit ends it
+    if Version(torch.__version__).release >= (2, 8):
+        dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
 

@@ -127,6 +127,16 @@ def _rate_bits(rate: str) -> float:
         raise ValueError(f"rate must look like '50mbit', '1gbit' or 'unshaped', got {rate!r}") from None
 
 
+def _torchrun_passes_local_addr() -> bool:
+    """Whether torchrun's c10d rendezvous gives the workers node 0's ``--local-addr`` as
+    MASTER_ADDR (torch >= 2.5). torch 2.4's gives them node 0's hostname, which both namespaces
+    share and which resolves outside them."""
+    import torch
+    from packaging.version import Version
+
+    return Version(torch.__version__).release >= (2, 5)
+
+
 @dataclasses.dataclass
 class AgentResult:
     """How one torchrun agent ended: exit status (negative: killed by that signal), its output
@@ -245,10 +255,15 @@ class HostPair:
         procs, logs = [], []
         try:
             for node, (dev, addr) in enumerate(zip(self.devices, self.addresses)):
+                if _torchrun_passes_local_addr():
+                    rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint",
+                            f"{self.addresses[0]}:{port}", "--rdzv-id", run_id, "--rdzv-conf",
+                            f"is_host={int(node == 0)},join_timeout={max(1, int(timeout))}"]
+                else:  # torch 2.4: a static rendezvous gives the workers --master-addr as it is
+                    rdzv = ["--node-rank", str(node), "--master-addr", self.addresses[0],
+                            "--master-port", str(port), "--rdzv-id", run_id]
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-                       "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d",
-                       "--rdzv-endpoint", f"{self.addresses[0]}:{port}", "--rdzv-id", run_id,
-                       "--rdzv-conf", f"is_host={int(node == 0)},join_timeout={max(1, int(timeout))}",
+                       "--nproc-per-node", str(nproc_per_node), *rdzv,
                        "--local-addr", addr, "--max-restarts", "0", script, *map(str, args)]
                 logs.append(tempfile.TemporaryFile(mode="w+"))
                 procs.append(subprocess.Popen(self.exec_argv(node, cmd), stdout=logs[-1], stderr=subprocess.STDOUT,
