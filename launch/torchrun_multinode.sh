@@ -18,6 +18,7 @@
 #               the hostname resolves to a loopback address (127.0.1.1 in /etc/hosts is common
 #               in containers and VMs, and in network namespaces): torchrun gives that
 #               name to the workers as MASTER_ADDR, and the other nodes cannot reach it.
+#               torch >= 2.5 (2.4's torchrun hands out the hostname whatever --local-addr says).
 #   MAX_RESTARTS  (default 3) restarts of every worker after a failure; with --checkpoint-dir
 #               (on storage all nodes see, or per node: one file per rank) training resumes
 #               from the newest step that every rank saved.
