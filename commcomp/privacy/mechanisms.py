@@ -1,19 +1,20 @@
 """The pieces of a Gaussian mechanism: L2 clipping and per-rank noise.
 
-Noise must be unpredictable to everyone but its own rank: each rank draws it from its own
-generator, seeded from the operating system's entropy unless a seed is given (only for
-reproducible experiments: whoever knows the seed can subtract the noise). It never touches
-the global RNG and is independent of any shared (sketch) seed.
+Noise must be unpredictable to everyone but its own rank. Each rank draws it from its own
+ChaCha20 keystream (:mod:`.csprng`) under a 256-bit key from the operating system, turned
+into Gaussians with the floating-point defence of Opacus' ``secure_mode`` (a sum of four
+draws). A torch ``Generator`` is not enough: Mersenne Twister keeps only 32 bits of its seed,
+and an eavesdropper who tried all 2^32 seeds against one message subtracted the noise. The
+noise never touches the global RNG and is independent of any shared (sketch) seed.
 """
 
 from __future__ import annotations
 
-import secrets
-from typing import Dict, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
-from commcomp.hooks._common import mix_seed
+from .csprng import SecureGenerator
 
 
 def clip_coefficient(norm: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -22,27 +23,28 @@ def clip_coefficient(norm: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 class NoiseSource:
-    """Gaussian noise from a private generator per device.
+    """Gaussian noise and private coins from a cryptographically secure generator.
 
     Args:
-        seed: ``None`` (default) draws 63 bits from ``secrets``; an int makes runs repeatable
-            (give each rank its own, e.g. ``mix_seed(seed, rank)``).
+        seed: ``None`` (default): a fresh 256-bit key from ``secrets``, never saved. An int
+            (with optional context ints, e.g. the rank) derives the key from it: repeatable
+            for experiments, and **insecure** -- whoever knows the seed can regenerate the noise.
     """
 
-    def __init__(self, seed: Optional[int] = None):
-        self.seed = secrets.randbits(63) if seed is None else int(seed)
-        self._generators: Dict[torch.device, torch.Generator] = {}
+    def __init__(self, seed: Optional[int] = None, *context: int):
+        self.seeded = seed is not None
+        self._gen = SecureGenerator() if seed is None else SecureGenerator.from_seed(int(seed), *context)
 
-    def generator(self, device) -> torch.Generator:
-        dev = torch.device(device)
-        if dev not in self._generators:
-            self._generators[dev] = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, 0x4E4F4953))
-        return self._generators[dev]
+    def __repr__(self) -> str:
+        return f"NoiseSource(ChaCha20, {'seeded: INSECURE' if self.seeded else 'secret key'})"
 
     def gaussian(self, n: int, std: float, device) -> torch.Tensor:
-        """``n`` float32 samples of N(0, std^2)."""
-        z = torch.randn(n, generator=self.generator(device), device=device, dtype=torch.float32)
-        return z.mul_(std)
+        """``n`` float32 samples of N(0, std^2) on ``device``."""
+        return self._gen.normal(n, device, dtype=torch.float32).mul_(std)
+
+    def bernoulli(self, p: float) -> bool:
+        """One private coin: True with probability ``p``."""
+        return self._gen.bernoulli(p)
 
 
 def clip_per_sample_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
