@@ -17,10 +17,27 @@ without sending it, and ``R`` is linear, so the sum of the ranks' sketches is th
 the sum -- sketches can be all-reduced. The countsketch and SRHT matrices are never stored:
 each entry is recomputed from a counter-based Philox stream (``csrc/sketch.h``).
 
-Variance of the de-sketch, per coordinate ``j``, for a fixed ``g``:
-``Var[(R^T R g)_j] ~= (||g||^2 - g_j^2) / s`` for countsketch and SRHT with ``block >= d``,
-``(||g||^2 + g_j^2) / s`` for the Gaussian sketch; in total ``E||R^T R g - g||^2 ~= d/s ||g||^2``.
-So a sketch ratio ``s/d`` trades bytes for a ``d/s``-fold noisier (but unbiased) gradient.
+Variance of the de-sketch, per coordinate ``j``, over the shared seed for a fixed ``g``
+(exact; :meth:`Sketch.coordinate_variance` evaluates it):
+
+* countsketch: ``Var[(R^T R g)_j] = (||g||^2 - g_j^2) / s``;
+* Gaussian: ``(||g||^2 + g_j^2) / s``;
+* SRHT, with ``n = ceil(d / block) * block`` the padded length and ``g_B(j)`` the part of ``g``
+  in ``j``'s block: ``((n / block) * ||g_B(j)||^2 - g_j^2) / s`` (and 0 when ``s == n``).
+  Only the rows sampled inside ``j``'s block see ``j``, about ``s * block / n`` of them, so the
+  variance follows the energy of ``j``'s block, times the number of blocks ``n / block``. It is
+  the countsketch value ``(||g||^2 - g_j^2) / s ~ ||g||^2 / s`` exactly when ``block >= d``
+  (one block), and approximately when every block holds its share ``block / n`` of ``||g||^2``
+  (energy spread evenly over the coordinates, ``block`` dividing ``d``). A ``g`` concentrated
+  in one block has ``n / block`` times ``||g||^2 / s`` there (16x for ``d = 2^16`` at the
+  default block 4096) and exactly 0 elsewhere.
+
+In total ``E||R^T R g - g||^2 = (d - 1) ||g||^2 / s`` for countsketch and for SRHT when
+``block`` divides ``d``, and ``(d + 1) ||g||^2 / s`` for Gaussian: the SRHT's blocks move
+variance to where the energy is without changing the total (with padding the SRHT's total is
+``((n / block) sum_B d_B ||g_B||^2 - ||g||^2) / s``, ``d_B`` the unpadded length of block
+``B``). So a sketch ratio ``s/d`` trades bytes for a ``d/s``-fold noisier (but unbiased)
+gradient.
 
 Example::
 
@@ -118,6 +135,41 @@ class Sketch:
         if self.kind == "srht":
             return ops.srht(x.contiguous(), self.sketch_size, self.seed, block=self.block)
         return self.matrix(x.device) @ x.float()
+
+    def coordinate_variance(self, g: torch.Tensor) -> torch.Tensor:
+        """The exact ``Var[(R^T R g)_j]`` over seeds for a fixed ``g``, float64 ``[numel]``.
+
+        ``R^T R g - g`` is a sum of uncorrelated zero-mean terms, whose variances add up:
+
+        * countsketch: ``(||g||^2 - g_j^2) / s``: every other ``g_i`` joins ``j``'s bucket with
+          probability ``1/s``, with a random sign;
+        * gaussian: ``(||g||^2 + g_j^2) / s``: row ``k`` adds ``R_kj (R_k . g)``, of mean
+          ``g_j / s`` and second moment ``(||g||^2 + 2 g_j^2) / s^2``;
+        * srht (rows drawn with replacement; ``n`` the padded length, ``B(j)`` j's block):
+          ``((n / block) ||g_B(j)||^2 - g_j^2) / s``, and 0 when ``s == n`` (all rows).
+          Given the signs ``D``, the estimate is the mean of ``s`` i.i.d. terms
+          ``n D_j H_rj (H D g)_r`` with ``r`` uniform in ``[0, n)``; ``H_rj = +-1/sqrt(block)``
+          in ``j``'s block and 0 outside it, so a term has mean ``g_j`` and second moment
+          ``(n / block) ||(H D g)_B(j)||^2 = (n / block) ||g_B(j)||^2`` (``H`` is orthogonal),
+          whatever ``D`` is.
+
+        Exact up to float32 rounding in the kernels and the ``n / 2^64`` bias of the index draws.
+        """
+        g = self._check(g, self.numel, "g").detach().double()
+        sq = g * g
+        total = sq.sum()
+        s = self.sketch_size
+        if self.kind == "countsketch":
+            return (total - sq) / s
+        if self.kind == "gaussian":
+            return (total + sq) / s
+        block = self.block
+        n = -(-self.numel // block) * block
+        if s == n or self.numel == 0:
+            return torch.zeros_like(sq)  # all rows in order: R is orthogonal, R^T R g = g
+        energy = torch.nn.functional.pad(sq, (0, n - self.numel)).view(-1, block).sum(1)
+        per_coord = energy.repeat_interleave(block)[: self.numel]
+        return ((n / block) * per_coord - sq).clamp_min(0) / s
 
     def transpose(self, y: torch.Tensor) -> torch.Tensor:
         """``R^T y`` as float32 ``[numel]`` (differentiable)."""
