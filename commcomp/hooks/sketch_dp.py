@@ -25,14 +25,20 @@ Gaussian mechanism on that rank's clipped gradient followed by post-processing (
 so it is ``(epsilon, delta)``-DP with respect to the rank's data -- against the other ranks,
 the network and anyone who later sees the messages or the model, *without trusting any
 aggregator* (local DP per message; composition over steps through ``dp-accounting``, see
-:meth:`SketchDPState.epsilon`). Adjacency: with ``level="client"``, adding or removing one
-client's whole data (clipping bounds the sensitivity by ``clip_norm``); with
-``level="record"`` (per-sample clipping on Opacus' ``GradSampleModule``, through
-:meth:`SketchDPState.reduce_`), one training record, Poisson-sampled at ``sample_rate``.
+:meth:`SketchDPState.epsilon`). Adjacency (``adjacency=``): at ``level="client"`` the default
+is ``"replace"`` -- any two datasets of the client (sensitivity ``2 clip_norm``), because
+every rank sends every step; ``"add_remove"`` only hides whether the client has data at all.
+At ``level="record"`` (per-sample clipping on Opacus' ``GradSampleModule`` through
+:meth:`SketchDPState.clip_per_sample_` and :meth:`SketchDPState.reduce_`) it is one training
+record added or removed, Poisson-sampled at ``sample_rate`` by an unpredictable sampler
+(:func:`commcomp.privacy.dp_data_loader`). Client-level ``sample_rate < 1`` is carried out
+with a private coin per step; a rank that sits a step out sends noise of the same shape.
+The noise comes from ChaCha20 keyed with 256 bits from the OS (:mod:`commcomp.privacy.csprng`).
 Not covered: the rank's own process and memory, a malicious rank that skips its noise
-(it only hurts its own privacy), and side channels (timing, message sizes).
-With ``clip_scope="bucket"`` each bucket is its own mechanism, and the accounting composes
-them (``num_buckets`` mechanisms per step).
+(it only hurts its own privacy), side channels (timing), DDP's buffer broadcast and
+unused-parameter map (refused at registration), and a user-set ``noise_seed``.
+With ``clip_scope="bucket"`` the buckets of one step are one mechanism with sensitivity
+``sqrt(num_buckets) clip_norm`` and one participation coin.
 
 Sketching alone is no protection: :mod:`commcomp.privacy.attack` reconstructs training
 images from noiseless sketched gradients.
@@ -47,7 +53,9 @@ Example::
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple
+import threading
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,13 +64,19 @@ from commcomp import collectives
 from commcomp.codecs import sketch as sketches
 from commcomp.collectives.futures import new_future
 from commcomp.privacy import accounting
-from commcomp.privacy.mechanisms import NoiseSource, clip_coefficient
+from commcomp.privacy.mechanisms import NoiseSource, clip_coefficient, clip_per_sample_
 
 from ._common import HookStateBase, mix_seed, write_flat_grads_
 
 LEVELS = ("client", "record")
 CLIP_SCOPES = ("model", "bucket")
 PLACEMENTS = ("gradient", "sketch")
+DEFAULT_ADJACENCY = {"client": "replace", "record": "add_remove"}
+_RECORD_NOT_A_HOOK = (
+    "commcomp sketch_dp: level='record' clips each sample's gradient, which a DDP hook never "
+    "sees; use SketchDPState(level='record', ...) without registering it: run backward (under "
+    "ddp_model.no_sync(), or without DDP), then state.clip_per_sample_(params) and "
+    "state.reduce_(params, batch_size=...)")
 
 
 def _positive(v, name: str, allow_none: bool = False) -> Optional[float]:
@@ -89,24 +103,39 @@ class SketchDPState(HookStateBase):
             bytes, a ~100x noisier but unbiased gradient; see :mod:`commcomp.codecs.sketch`).
         sketch: ``"countsketch"`` (default, O(d)), ``"srht"`` (O(d log block); at ratio 1 an
             orthogonal map, exact), or ``"gaussian"`` (dense, small models only).
-        noise_multiplier: noise std / ``clip_norm`` (DP-SGD's sigma). 0 or None: no noise
+        noise_multiplier: noise std / ``clip_norm`` (DP-SGD's sigma), > 0. None: no noise
             (and no privacy: ``epsilon`` is inf). Give this or ``target_epsilon``.
         clip_norm: L2 bound of each rank's contribution (``level="client"``) or of each
             sample's gradient (``"record"``); required when there is noise. None: no clipping.
         target_epsilon, target_delta, steps: calibrate ``noise_multiplier`` so that ``steps``
             steps spend ``target_epsilon`` at ``target_delta`` (``dp-accounting``); the hook then
-            refuses to run a step beyond ``steps`` rather than overspend.
+            refuses to release a message beyond ``steps`` rather than overspend.
         level: ``"client"`` (default; DDP hook) or ``"record"`` (per-sample clipping with
-            :func:`commcomp.privacy.clip_per_sample_`, then :meth:`reduce_`).
+            :meth:`clip_per_sample_`, then :meth:`reduce_`).
+        adjacency: which neighbouring datasets are indistinguishable. ``"replace"`` (default at
+            client level): any two datasets of the unit -- every rank sends every step, so this
+            is what the other ranks must not learn; the sensitivity is ``2 clip_norm``.
+            ``"add_remove"`` (default at record level, as in DP-SGD): the unit present or
+            absent -- at client level that only hides whether the client has any data.
         clip_scope: ``"model"`` (default; one norm over all buckets: the exchange starts
             when the last bucket is ready) or ``"bucket"`` (each bucket clipped to
-            ``clip_norm``, exchanged as soon as ready; accounted as one mechanism per bucket).
+            ``clip_norm``, exchanged as soon as ready; a step is one mechanism with
+            sensitivity ``sqrt(buckets) clip_norm``).
         noise_placement: ``"gradient"`` (default) or ``"sketch"`` (see above).
-        sample_rate: probability that a unit (client or record) takes part in a step, for the
-            accounting (1.0: every client every step; record level: batch / local data size).
-        accountant: ``"rdp"`` (default) or ``"pld"``.
+        sample_rate: probability that a unit takes part in a step. At client level it is
+            **carried out**: each step the rank tosses a private coin (secure generator) and,
+            when it does not take part, sends pure noise of the same shape, so participation
+            does not show on the wire; the average is divided by ``sample_rate * world``
+            (unbiased). At record level the data loader samples
+            (:func:`commcomp.privacy.dp_data_loader`) and this is its rate.
+        num_records: this rank's number of records (record level, required): ``target_delta``
+            must be below ``1 / num_records``.
+        accountant: ``"rdp"`` (default) or ``"pld"`` (tighter; required for
+            ``adjacency="replace"`` with ``sample_rate < 1``).
         sketch_seed: the shared seed of the sketches; must be equal on all ranks (checked).
-        noise_seed: None (default: OS entropy) or an int for repeatable experiments only.
+        noise_seed: None (default: a fresh 256-bit key from the OS for a ChaCha20 noise
+            generator). An int makes the noise repeatable for experiments and is **insecure**:
+            whoever knows it regenerates the noise and subtracts it (a warning says so).
         block: SRHT block length (power of two; default ``min(4096, next_pow2(d))``).
     """
 
@@ -118,7 +147,8 @@ class SketchDPState(HookStateBase):
                  steps: Optional[int] = None, level: str = "client", clip_scope: str = "model",
                  noise_placement: str = "gradient", sample_rate: float = 1.0,
                  accountant: str = "rdp", sketch_seed: int = 0, noise_seed: Optional[int] = None,
-                 block: Optional[int] = None):
+                 block: Optional[int] = None, adjacency: Optional[str] = None,
+                 num_records: Optional[int] = None):
         self.sketch_ratio = sketches.check_ratio(sketch_ratio)
         self.sketch = sketches.check_kind(sketch)
         self.clip_norm = _positive(clip_norm, "clip_norm", allow_none=True)
@@ -128,15 +158,37 @@ class SketchDPState(HookStateBase):
         self.sample_rate = accounting.check_sample_rate(sample_rate)
         self.accountant = accounting.check_accountant(accountant)
         self.target_delta = accounting.check_delta(target_delta)
+        self.adjacency = accounting.check_adjacency(
+            DEFAULT_ADJACENCY[self.level] if adjacency is None else adjacency)
         if block is not None and (not isinstance(block, int) or block < 1 or block & (block - 1)):
             raise ValueError(f"commcomp: block must be a power of two or None, got {block!r}")
         if not isinstance(sketch_seed, int) or isinstance(sketch_seed, bool) or not 0 <= sketch_seed < 2**63:
             raise ValueError(f"commcomp: sketch_seed must be an int in [0, 2**63), got {sketch_seed!r}")
+        if noise_seed is not None and (not isinstance(noise_seed, int) or isinstance(noise_seed, bool)):
+            raise ValueError(f"commcomp: noise_seed must be None (secure) or an int, got {noise_seed!r}")
         if self.level == "record" and self.noise_placement != "gradient":
             raise ValueError("commcomp: level='record' needs noise_placement='gradient' (the noise "
                              "goes on the sum of per-sample clipped gradients)")
         if self.level == "record" and self.clip_norm is None:
             raise ValueError("commcomp: level='record' needs clip_norm (the per-sample bound)")
+        self.num_records = None
+        if num_records is not None or self.level == "record":
+            if isinstance(num_records, bool) or not isinstance(num_records, numbers.Integral) or num_records < 1:
+                raise ValueError(
+                    f"commcomp: num_records must be an int >= 1 (this rank's number of records), got "
+                    f"{num_records!r}; level='record' needs it to check target_delta < 1/num_records")
+            self.num_records = int(num_records)
+            if self.target_delta >= 1.0 / self.num_records:
+                raise ValueError(
+                    f"commcomp: target_delta={self.target_delta} is not below 1/num_records = "
+                    f"1/{self.num_records}: a mechanism that publishes one record in the clear "
+                    f"with probability delta would satisfy it; use delta << 1/{self.num_records}")
+        if noise_multiplier is not None and not (
+                isinstance(noise_multiplier, numbers.Real) and not isinstance(noise_multiplier, bool)
+                and math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise ValueError(
+                f"commcomp: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
+                "pass None for no noise (no privacy), or target_epsilon to calibrate it")
         self.target_epsilon, self.planned_steps = None, None
         if target_epsilon is not None:
             if noise_multiplier is not None:
@@ -151,16 +203,32 @@ class SketchDPState(HookStateBase):
             self.planned_steps = accounting.check_steps(steps)
             noise_multiplier = accounting.noise_for_epsilon(
                 self.target_epsilon, self.target_delta, self.planned_steps, self.sample_rate,
-                self.accountant)
+                self.accountant, self.adjacency)
         self.noise_multiplier = accounting.check_noise_multiplier(noise_multiplier or 0.0)
         if self.noise_multiplier > 0 and self.clip_norm is None:
             raise ValueError(
                 f"commcomp: noise_multiplier={self.noise_multiplier} needs clip_norm: without "
                 "clipping the sensitivity is unbounded and the noise protects nothing")
+        # Refuses (adjacency, sample_rate, accountant) combinations it cannot account for.
+        ledger = accounting.PrivacyLedger(self.noise_multiplier, self.sample_rate, self.accountant,
+                                          self.adjacency)
         super().__init__(process_group)
+        self.ledger = ledger
         self.sketch_seed, self.block = sketch_seed, block
-        self.noise = NoiseSource(None if noise_seed is None else mix_seed(noise_seed, self.rank))
-        self.ledger = accounting.PrivacyLedger(self.noise_multiplier, self.sample_rate, self.accountant)
+        if noise_seed is not None:
+            warnings.warn(
+                "commcomp sketch_dp: noise_seed is set, so the DP noise is repeatable -- and "
+                "INSECURE: anyone who knows the seed can regenerate the noise and subtract it. "
+                "Use it for experiments only; leave noise_seed=None in deployment.", UserWarning,
+                stacklevel=2)
+            self.noise = NoiseSource(noise_seed, self.rank)
+        else:
+            self.noise = NoiseSource()
+        self.nonfinite_steps = 0  # steps whose local gradient was non-finite (sent as noise)
+        self._coin: Tuple[int, bool] = (-1, True)  # (step, takes part) of the current step
+        self._open_parts = 0  # bucket scope: buckets of the current step released so far
+        self._clipped: Dict[int, Tuple[torch.Tensor, int]] = {}  # record level: id(p) -> (grad, version)
+        self._lock = threading.Lock()
         self._pending: List[tuple] = []  # model scope: (index, x, buf, future) until the last bucket
 
     # -- options, checkpoints, accounting
@@ -169,14 +237,55 @@ class SketchDPState(HookStateBase):
                 "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
                 "level": self.level, "clip_scope": self.clip_scope,
                 "noise_placement": self.noise_placement, "sample_rate": self.sample_rate,
-                "accountant": self.accountant, "sketch_seed": self.sketch_seed}
+                "accountant": self.accountant, "sketch_seed": self.sketch_seed,
+                "adjacency": self.adjacency, "num_records": self.num_records}
+
+    def check_first_step(self, device) -> None:
+        """Once: all ranks must agree on every option but ``num_records`` (each rank's own)."""
+        if not self._checked:
+            opts = {k: v for k, v in self.options().items() if k != "num_records"}
+            from ._common import check_same_options  # noqa: PLC0415 (same package)
+
+            check_same_options(dict(opts, hook=self.name, world_size=self.world_size),
+                               self.world_size, self.process_group, device)
+            self._checked = True
+
+    def attach(self, model) -> None:
+        """At registration: refuse DDP modes that send data-dependent values in the clear, then
+        check the options across ranks (a collective; every rank registers), so a mismatch is
+        an error here and the model keeps no hook."""
+        if self.level == "record":
+            raise ValueError(_RECORD_NOT_A_HOOK)
+        if self.noise_multiplier > 0:
+            if getattr(model, "find_unused_parameters", False):
+                raise ValueError(
+                    "commcomp sketch_dp: DDP(find_unused_parameters=True) all-reduces a bitmap of "
+                    "the parameters this rank's data did not use, un-noised, which the privacy "
+                    "guarantee does not cover; construct DDP with find_unused_parameters=False "
+                    "(and give unused parameters requires_grad=False, or a zero loss term)")
+            if getattr(model, "broadcast_buffers", False) and any(True for _ in model.module.buffers()):
+                names = [n for n, _ in model.module.named_buffers()][:3]
+                raise ValueError(
+                    f"commcomp sketch_dp: DDP(broadcast_buffers=True) sends rank 0's buffers "
+                    f"({names}, e.g. BatchNorm running statistics of its data) in the clear every "
+                    "step, outside the privacy guarantee; construct DDP with "
+                    "broadcast_buffers=False, or replace BatchNorm with GroupNorm (Opacus' "
+                    "ModuleValidator.fix does that)")
+        super().attach(model)
+        param = next(iter(model.parameters()), None)
+        self.check_first_step(param.device if param is not None else torch.device("cpu"))
 
     def _extra_state(self) -> dict:
-        # The noise generator is deliberately not saved: fresh entropy after a restart.
-        return {"ledger_steps": self.ledger.steps, "planned_steps": self.planned_steps}
+        # The noise key is deliberately not saved: a restart draws a fresh one.
+        return {"ledger": self.ledger.state_dict(), "planned_steps": self.planned_steps,
+                "nonfinite_steps": self.nonfinite_steps}
 
     def _load_extra_state(self, extra: dict) -> None:
-        self.ledger.steps = int(extra.get("ledger_steps", 0))
+        if "ledger" in extra:
+            self.ledger.load_state_dict(extra["ledger"])
+        else:  # checkpoints before the per-step ledger: one mechanism per release
+            self.ledger.parts = {1: int(extra.get("ledger_steps", 0))}
+        self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
 
     def epsilon(self, delta: Optional[float] = None) -> float:
         """The epsilon this rank's messages have spent so far at ``delta`` (default
@@ -186,25 +295,48 @@ class SketchDPState(HookStateBase):
         return self.ledger.epsilon(self.target_delta if delta is None else delta)
 
     def _check_budget(self) -> None:
-        if self.planned_steps is not None and self.step >= self.planned_steps:
+        """Refuse a message beyond the calibrated budget: counts *released messages* (every
+        message the rank sent, whatever happened to its step afterwards)."""
+        if self.planned_steps is not None and self.ledger.steps >= self.planned_steps:
             raise RuntimeError(
                 f"commcomp: the privacy budget (epsilon={self.target_epsilon}, "
-                f"delta={self.target_delta}) was calibrated for {self.planned_steps} steps and "
-                "all of them have run; another step would overspend it. Stop training, or "
-                "create a new state with a larger steps/target_epsilon.")
+                f"delta={self.target_delta}) was calibrated for {self.planned_steps} released "
+                f"messages and {self.ledger.steps} have been sent; another would overspend it. "
+                "Stop training, or create a new state with a larger steps/target_epsilon.")
 
     # -- one release: clip, noise, sketch, all-reduce, de-sketch
     def _sketch_for(self, numel: int, step: int, index: int) -> sketches.Sketch:
         s = sketches.sketch_size(self.sketch, numel, self.sketch_ratio, self.block)
         return sketches.Sketch(self.sketch, numel, s, mix_seed(self.sketch_seed, step, index), self.block)
 
-    def release(self, parts: Sequence[Tuple[int, torch.Tensor]], step: int, clip: bool = True) -> List[torch.Tensor]:
-        """Privatize and average flat float32 vectors ``[(index, x), ...]`` (one mechanism):
-        returns the de-sketched averages. Blocking; runs on the communication thread."""
-        world, C, sigma = self.world_size, self.clip_norm, self.noise_multiplier
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def takes_part(self, step: int) -> bool:
+        """This rank's private participation coin for ``step`` (client level; one per step,
+        shared by its buckets): True with probability ``sample_rate``."""
+        if self.level != "client" or self.sample_rate >= 1.0:
+            return True
+        with self._lock:
+            if self._coin[0] != step:
+                self._coin = (step, self.noise.bernoulli(self.sample_rate))
+            return self._coin[1]
+
+    def encode(self, parts: Sequence[Tuple[int, torch.Tensor]], step: int,
+               clip: bool = True) -> Tuple[torch.Tensor, List[sketches.Sketch], torch.Tensor]:
+        """The message this rank sends for flat float32 vectors ``[(index, x), ...]`` at
+        ``step``: ``(message, sketches, non-finite flag)``. No collective and no accounting:
+        :meth:`release` sends it; :mod:`commcomp.privacy.audit` inspects it.
+
+        A rank that does not take part this step, or whose gradient is not finite, sends
+        noise alone (a private state keeps the non-finite flag on the rank; only without
+        noise does the flag travel, so every rank can raise)."""
+        C, sigma = self.clip_norm, self.noise_multiplier
         sks = [self._sketch_for(x.numel(), step, index) for index, x in parts]
         bad = torch.stack([(~torch.isfinite(x)).any() for _, x in parts]).any()
-        xs = [torch.where(bad, torch.zeros_like(x), x) for _, x in parts]
+        keep = torch.logical_and(~bad, torch.tensor(self.takes_part(step), device=bad.device))
+        xs = [torch.where(keep, x, torch.zeros_like(x)) for _, x in parts]
         if self.noise_placement == "gradient":
             if clip and C is not None:
                 coef = clip_coefficient(torch.stack([x.norm() for x in xs]).norm(), C)
@@ -219,40 +351,99 @@ class SketchDPState(HookStateBase):
                 ys = [y * coef for y in ys]
             if sigma > 0:
                 ys = [y + self.noise.gaussian(y.numel(), sigma * C, y.device) for y in ys]
-        msg = torch.cat([y.detach().reshape(-1) for y in ys] + [bad.float().reshape(1)])
+        flag = [] if self.private else [bad.float().reshape(1)]
+        msg = torch.cat([y.detach().reshape(-1) for y in ys] + flag)
+        return msg, sks, bad
+
+    def release(self, parts: Sequence[Tuple[int, torch.Tensor]], step: int, clip: bool = True,
+                last: bool = True) -> List[torch.Tensor]:
+        """Privatize and average flat float32 vectors ``[(index, x), ...]``: returns the
+        de-sketched averages. ``last``: the step's last release (bucket scope: its buckets
+        are one mechanism, accounted when the last is sent). Blocking; runs on the
+        communication thread."""
+        world = self.world_size
+        self._check_budget()
+        msg, sks, bad = self.encode(parts, step, clip)
+        if self.private and bool(bad):
+            self.nonfinite_steps += 1
+            warnings.warn(
+                f"commcomp sketch_dp: this rank's gradient had NaN/Inf in bucket(s) "
+                f"{[i for i, _ in parts]} at step {step}; it sent noise alone for them (the "
+                "non-finite flag stays on this rank, so the others cannot learn it). Lower the "
+                "learning rate or use a GradScaler, and check the loss for overflow.",
+                RuntimeWarning, stacklevel=2)
+        self._open_parts += len(parts) if self.clip_scope == "bucket" else 1
+        if last:  # every message counts, sent before the collective can fail
+            self.ledger.record(parts=self._open_parts)
+            self._open_parts = 0
         dist.all_reduce(msg, group=self.process_group)
         self.add_bytes(collectives.ring_allreduce_bytes(4 * msg.numel(), world))
         self.add_fp32_bytes(sum(collectives.ring_allreduce_bytes(4 * x.numel(), world) for _, x in parts))
-        if not bool(bad):
-            self.ledger.record()  # this rank's noised gradient left it
-        flagged = int(msg[-1].item())
-        if flagged:
-            raise FloatingPointError(
-                f"commcomp sketch_dp: {flagged} of {world} rank(s) had NaN/Inf gradients in "
-                f"bucket(s) {[i for i, _ in parts]} at step {step} (this rank: "
-                f"{'yes' if bool(bad) else 'no'}); no rank applied this step. Lower the learning "
-                "rate or use a GradScaler, and check the loss for overflow.")
+        if not self.private:
+            flagged = int(msg[-1].item())
+            if flagged:
+                raise FloatingPointError(
+                    f"commcomp sketch_dp: {flagged} of {world} rank(s) had NaN/Inf gradients in "
+                    f"bucket(s) {[i for i, _ in parts]} at step {step} (this rank: "
+                    f"{'yes' if bool(bad) else 'no'}); no rank applied this step. Lower the "
+                    "learning rate or use a GradScaler, and check the loss for overflow.")
+        scale = world * (self.sample_rate if self.level == "client" else 1.0)
         out, pos = [], 0
         for sk in sks:
-            out.append(sk.transpose(msg[pos:pos + sk.sketch_size]).div_(world))
+            out.append(sk.transpose(msg[pos:pos + sk.sketch_size]).div_(scale))
             pos += sk.sketch_size
         return out
 
     # -- the plain step function (record level, or loops without DDP)
+    def clip_per_sample_(self, params) -> torch.Tensor:
+        """Record level: clip each sample's gradient (Opacus' ``p.grad_sample``) to this
+        state's ``clip_norm``, store the sum in ``p.grad`` and mark it as clipped by this state
+        (:meth:`reduce_` releases nothing else). Every parameter that requires grad must have
+        a per-sample gradient: a plain ``.grad`` would be released with unbounded sensitivity.
+        Returns the per-sample norms before clipping."""
+        if self.level != "record":
+            raise RuntimeError("commcomp sketch_dp: clip_per_sample_ is for level='record'")
+        params = [p for p in params if p.requires_grad]
+        missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+        if missing and len(missing) < len(params):
+            raise ValueError(
+                f"commcomp sketch_dp: parameter(s) {missing} (positions among those that require "
+                "grad) have no grad_sample; their plain .grad would be released unclipped. Make "
+                "Opacus compute their per-sample gradients (GradSampleModule supports the layer), "
+                "or freeze them (requires_grad=False)")
+        norms = clip_per_sample_(params, self.clip_norm)
+        self._clipped = {id(p): (p.grad, p.grad._version) for p in params}
+        return norms
+
+    def _check_clipped(self, params) -> None:
+        """Record level: every gradient to release must be the one :meth:`clip_per_sample_`
+        wrote, unchanged since."""
+        for i, p in enumerate(params):
+            mark = self._clipped.get(id(p))
+            if mark is None or mark[0] is not p.grad or mark[1] != p.grad._version:
+                raise RuntimeError(
+                    f"commcomp sketch_dp: level='record' releases only gradients clipped by "
+                    f"state.clip_per_sample_ (at clip_norm={self.clip_norm}); parameter {i}'s .grad "
+                    f"{'was not clipped by this state' if mark is None else 'changed since it was'}. "
+                    "Call state.clip_per_sample_(params) after backward (an empty batch: give "
+                    "p.grad_sample = torch.zeros(0, *p.shape)), then state.reduce_(params, ...)")
+
     def reduce_(self, params, batch_size: Optional[float] = None,
                 chunk_numel: int = 1 << 22) -> None:
         """Privatize and average ``p.grad`` of ``params`` across ranks in place, without DDP.
 
-        With ``level="record"``, call it after :func:`commcomp.privacy.clip_per_sample_`
-        (``p.grad`` = sum of clipped per-sample gradients); the noise goes on that sum and the
-        result is divided by ``batch_size`` (the expected per-rank batch). With
-        ``level="client"``, ``p.grad`` is the rank's gradient and is clipped as a whole.
+        With ``level="record"``, call it after :meth:`clip_per_sample_` (``p.grad`` = sum of
+        clipped per-sample gradients); the noise goes on that sum and the result is divided by
+        ``batch_size`` (the expected per-rank batch). With ``level="client"``, ``p.grad`` is
+        the rank's gradient and is clipped as a whole.
         """
         params = [p for p in params if p.grad is not None]
         if not params:
             raise ValueError("commcomp: no parameter has a .grad; run backward first")
         if self.level == "record" and batch_size is None:
             raise ValueError("commcomp: level='record' needs batch_size (expected per-rank batch)")
+        if self.level == "record":
+            self._check_clipped(params)
         self._check_budget()
         grads = [p.grad.detach().reshape(-1).float() for p in params]
         flat = torch.cat(grads)
@@ -262,6 +453,7 @@ class SketchDPState(HookStateBase):
         if batch_size is not None:
             avg /= float(batch_size)
         write_flat_grads_(params, avg)
+        self._clipped = {}
         self.step += 1
 
 
@@ -273,10 +465,7 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
     then all are released in one all-reduce on the communication thread.
     """
     if state.level == "record":
-        raise RuntimeError(
-            "commcomp sketch_dp: level='record' clips each sample's gradient, which a DDP hook "
-            "never sees; run backward under ddp_model.no_sync() (or without DDP), then "
-            "commcomp.privacy.clip_per_sample_(...) and state.reduce_(...)")
+        raise RuntimeError(_RECORD_NOT_A_HOOK)
     buf = bucket.buffer()
     x = buf.detach().to(torch.float32, copy=True)
     index, step, last = bucket.index(), state.step, bucket.is_last()
@@ -286,7 +475,7 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
         state.step += 1
     thread = collectives.comm_thread()
     if state.clip_scope == "bucket":
-        return thread.submit(lambda: _finish(state, [(index, x, buf, None)], step), buf)
+        return thread.submit(lambda: _finish(state, [(index, x, buf, None)], step, last), buf)
     state._pending.append((index, x, buf, new_future(buf) if not last else None))
     if not last:
         return state._pending[-1][3]
@@ -294,12 +483,12 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
     return thread.submit(lambda: _finish(state, parts, step), buf)
 
 
-def _finish(state: SketchDPState, parts: list, step: int) -> torch.Tensor:
+def _finish(state: SketchDPState, parts: list, step: int, last: bool = True) -> torch.Tensor:
     """Release ``parts`` (on the communication thread), complete their futures, return the
     last bucket's result. On failure every future gets the error and the step is undone."""
     try:
         state.check_first_step(parts[-1][2].device)
-        avgs = state.release([(index, x) for index, x, _, _ in parts], step)
+        avgs = state.release([(index, x) for index, x, _, _ in parts], step, last=last)
     except BaseException as exc:
         state.step = step
         for *_, fut in parts:

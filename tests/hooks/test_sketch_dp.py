@@ -112,11 +112,10 @@ def run_noise(rank, world, steps):
     err = total / steps - x
     assert err.abs().max() < 5 * std
     assert 0.7 * std < err.std() < 1.3 * std  # the noise is really there, at its scale
-    import dp_accounting
-
-    acc = dp_accounting.rdp.RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), steps))
-    assert state.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    # client level replaces by default: distance 2C, i.e. sigma / 2 under add/remove
+    half = commcomp.privacy.epsilon(sigma / 2, steps, 1e-5)
+    assert state.epsilon(1e-5) == pytest.approx(half, rel=1e-9)
+    assert state.epsilon(1e-5) > 1.5 * commcomp.privacy.epsilon(sigma, steps, 1e-5)
     assert state.ledger.steps == steps
 
 
@@ -160,38 +159,41 @@ def test_budget_is_not_overspent(tmp_path):
 
 
 def run_bucket_scope_ledger(rank, world):
-    model, state = ddp_model(clip_norm=1.0, noise_multiplier=2.0, clip_scope="bucket")
-    counts = []
+    model, state = ddp_model(clip_norm=1.0, noise_multiplier=2.0, clip_scope="bucket",
+                             adjacency="add_remove")
     for _ in range(3):  # DDP may rebuild its buckets after the first step
         local_grads(model, rank)
-        counts.append(state.ledger.steps)
-    buckets = counts[2] - counts[1]
-    assert buckets > 1 and counts[1] - counts[0] == buckets  # one mechanism per bucket per step
-    eps = commcomp.privacy.epsilon(2.0, counts[2], 1e-5)
-    assert state.epsilon(1e-5) == pytest.approx(eps)
+    parts = state.ledger.parts
+    assert state.ledger.steps == 3  # one mechanism per step, not per bucket
+    buckets = max(parts)
+    assert buckets > 1
+    # B buckets clipped to C with noise 2C each: one Gaussian with multiplier 2 / sqrt(B) per step
+    expect = commcomp.privacy.accounting._epsilon_of(
+        [(2.0 / math.sqrt(b), n) for b, n in parts.items()], 1e-5, 1.0, "rdp", "add_remove")
+    assert state.epsilon(1e-5) == pytest.approx(expect)
+    assert state.epsilon(1e-5) > commcomp.privacy.epsilon(2.0, 3, 1e-5)
 
 
-def test_bucket_scope_accounts_every_bucket(tmp_path):
+def test_bucket_scope_accounts_one_mechanism_per_step(tmp_path):
     spawn(run_bucket_scope_ledger, 2, tmp_path)
 
 
 # --- errors -----------------------------------------------------------------------------
 
 def run_seed_mismatch(rank, world):
-    model, _ = ddp_model(sketch_seed=rank)
-    with pytest.raises(RuntimeError, match="sketch_seed"):
-        local_grads(model, rank)
+    with pytest.raises(RuntimeError, match="sketch_seed"):  # at registration, every rank
+        ddp_model(sketch_seed=rank)
 
 
 def test_ranks_disagreeing_on_sketch_seed_raise(tmp_path):
     spawn(run_seed_mismatch, 2, tmp_path)
 
 
-def run_nonfinite(rank, world):
-    model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_norm=1.0, noise_multiplier=0.5)
+def run_nonfinite_public(rank, world):
+    """Without noise (no privacy claimed) a NaN on one rank fails the step on every rank."""
+    model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_norm=1.0)
     local_grads(model, rank)
     before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = rank_batch(rank)
     if rank == 1:
         x[0, 0] = float("nan")
@@ -199,11 +201,47 @@ def run_nonfinite(rank, world):
         ((model(x) - y) ** 2).mean().backward()
     assert state.step == 1  # the failed step is undone
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    del opt
 
 
-def test_nonfinite_gradient_fails_on_every_rank(tmp_path):
-    spawn(run_nonfinite, 2, tmp_path)
+def test_nonfinite_gradient_without_noise_fails_on_every_rank(tmp_path):
+    spawn(run_nonfinite_public, 2, tmp_path)
+
+
+def run_nonfinite_private(rank, world):
+    """With noise the non-finite flag never leaves the rank: that rank sends noise alone and
+    warns, the others learn nothing, the step counts against the budget."""
+    model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_norm=1.0, noise_multiplier=1e-4,
+                             noise_seed=rank)
+    x, y = rank_batch(rank)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    model.zero_grad()
+    with pytest.warns(RuntimeWarning, match="NaN/Inf") if rank == 1 else _no_warning():
+        ((model(x) - y) ** 2).mean().backward()
+    got = flat([p.grad for p in model.parameters()])
+    _, per_rank = true_mean(world)
+    clipped0 = flat(per_rank[0]) * min(1.0, 1.0 / flat(per_rank[0]).norm().item())
+    torch.testing.assert_close(got, clipped0 / world, rtol=0, atol=5e-3)  # rank 1 sent noise only
+    assert state.nonfinite_steps == (1 if rank == 1 else 0)
+    assert state.ledger.steps == 1
+    assert state.metrics["bytes_sent"] == commcomp.collectives.ring_allreduce_bytes(
+        4 * sum(sk for sk in [sketch_size("srht", got.numel(), 1.0)]), world)  # no flag float
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def test_nonfinite_gradient_with_noise_stays_on_the_rank(tmp_path):
+    spawn(run_nonfinite_private, 2, tmp_path)
 
 
 def run_bad_options(rank, world):
@@ -217,7 +255,12 @@ def run_bad_options(rank, world):
         dict(clip_norm=1.0, target_epsilon=1.0, steps=10, noise_multiplier=1.0),
         dict(sample_rate=0.0), dict(level="server"), dict(clip_scope="layer"),
         dict(noise_placement="sketch", level="record", clip_norm=1.0), dict(block=3),
-        dict(sketch_seed=-1),
+        dict(sketch_seed=-1), dict(noise_multiplier=0.0, clip_norm=1.0),
+        dict(sample_rate=1.5), dict(sample_rate=-0.1), dict(adjacency="swap"),
+        dict(level="record", clip_norm=1.0), dict(level="record", clip_norm=1.0, num_records=0),
+        dict(level="record", clip_norm=1.0, num_records=1000, target_delta=1e-3),
+        dict(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.1),  # replace + q<1 needs pld
+        dict(noise_seed=1.5),
     ]
     for opts in bad:
         with pytest.raises(ValueError, match="commcomp"):
@@ -257,11 +300,11 @@ def run_record_level(rank, world):
     opacus = pytest.importorskip("opacus")
     C, batch = 0.1, 16
     state = SketchDPState(level="record", sketch="srht", sketch_ratio=1.0, clip_norm=C,
-                          sample_rate=batch / 1000)
+                          sample_rate=batch / 1000, num_records=1000)
     model = opacus.GradSampleModule(make_model())
     x, y = rank_batch(rank)
     ((model(x) - y) ** 2).sum(1).mean().backward()  # per-sample losses (mean: Opacus scales)
-    norms = commcomp.privacy.clip_per_sample_(model.parameters(), C)
+    norms = state.clip_per_sample_(model.parameters())
     assert norms.shape == (batch,) and bool((norms > C).any())
     state.reduce_(model.parameters(), batch_size=batch)
     got = flat([p.grad for p in model.parameters()])
@@ -287,9 +330,9 @@ def test_record_level_on_opacus_per_sample_gradients(tmp_path):
 
 def run_record_level_refuses_hook(rank, world):
     model = DDP(make_model())
-    commcomp.register(model, "sketch_dp", level="record", clip_norm=1.0)
-    with pytest.raises(RuntimeError, match="clip_per_sample_"):
-        local_grads(model, rank)
+    with pytest.raises(ValueError, match="clip_per_sample_"):  # at registration
+        commcomp.register(model, "sketch_dp", level="record", clip_norm=1.0, num_records=1000)
+    commcomp.register(model, "terngrad")  # no hook was left behind
 
 
 def test_record_level_refuses_the_ddp_hook(tmp_path):
