@@ -9,14 +9,16 @@ trains a small tanh CNN (``_mnist.DPCNN``, 26,010 parameters) with SGD. Two leve
 
 * ``--level record`` (default; DP-SGD, Abadi et al. 2016): every step each rank Poisson-samples
   its shard (each digit independently with probability ``sample_rate = batch / shard size``,
-  so the batch size varies around ``--batch``), Opacus' ``GradSampleModule`` gives per-sample
-  gradients, :func:`commcomp.privacy.clip_per_sample_` clips each to ``--clip`` and sums them,
-  and ``state.reduce_`` adds the Gaussian noise on the rank, sketches, all-reduces,
-  de-sketches and divides by the expected batch. The guarantee is per digit, against
+  so the batch size varies around ``--batch``) with :class:`commcomp.privacy.PoissonBatchSampler`,
+  whose coins come from OS entropy (a sampler seeded from a public seed lets an adversary
+  replay the batches: reported epsilon 8 was 22 for an average digit), Opacus'
+  ``GradSampleModule`` gives per-sample gradients, ``state.clip_per_sample_`` clips each to
+  ``--clip`` and sums them, and ``state.reduce_`` adds the Gaussian noise on the rank,
+  sketches, all-reduces, de-sketches and divides by the expected batch. The guarantee is per digit, against
   everyone outside the digit's own rank (local DP per message, see ``sketch_dp``).
 * ``--level client``: each rank is one client; the DDP hook (``commcomp.register(model,
   "sketch_dp", ...)``) clips each rank's whole batch gradient and noises it. Fixed-size
-  shuffled batches, ``sample_rate`` 1. With 4 clients this is a very strong unit of privacy
+  shuffled batches, ``sample_rate`` 1, replace adjacency (any two datasets of the client). With 4 clients this is a very strong unit of privacy
   and the noise drowns the signal at any useful epsilon; it is here so both levels run.
 
 Privacy knobs: ``--epsilon E`` calibrates the noise (``dp-accounting``, RDP) so that all the
@@ -63,7 +65,7 @@ import commcomp
 from commcomp import collectives
 from commcomp.codecs import Sketch, sketch_size
 from commcomp.hooks import SketchDPState
-from commcomp.privacy import clip_coefficient, clip_per_sample_
+from commcomp.privacy import PoissonBatchSampler, clip_coefficient
 
 
 def parse_args(argv=None):
@@ -82,7 +84,9 @@ def parse_args(argv=None):
                     "(client) L2 bound; 0 with --epsilon inf: no clipping, non-private")
     ap.add_argument("--seed", type=int, default=0, help="model init, sampling and sketch seed")
     ap.add_argument("--noise-seed", type=int, default=None,
-                    help="repeatable noise for experiments (default: OS entropy, as in deployment)")
+                    help="repeatable noise for experiments, INSECURE (default: OS entropy, as in deployment)")
+    ap.add_argument("--sampling-seed", type=int, default=None,
+                    help="repeatable Poisson batches for experiments, INSECURE (default: OS entropy)")
     ap.add_argument("--world", type=int, default=4, help="ranks to spawn when not under torchrun")
     ap.add_argument("--name", default=None, help="JSON file name (default: from the settings)")
     ap.add_argument("--out", default="runs/dp")
@@ -110,8 +114,7 @@ def release_sketch_space(state: SketchDPState, params, batch_size: float, step_s
     ``p.grad = R^T (sum y) / (world * batch_size)``. Uses the state's calibrated noise
     multiplier, its private noise generator and its ledger. Reads ``p.grad_sample`` (Opacus);
     with no sample this step, the message is the noise alone."""
-    if state.planned_steps is not None and state.step >= state.planned_steps:
-        raise RuntimeError("train_dp: the privacy budget is spent (all planned steps have run)")
+    state._check_budget()  # counts released messages
     params = list(params)
     d = sum(p.numel() for p in params)
     sk = Sketch(state.sketch, d, sketch_size(state.sketch, d, state.sketch_ratio, state.block),
@@ -140,7 +143,7 @@ def release_sketch_space(state: SketchDPState, params, batch_size: float, step_s
 
 # --- training -------------------------------------------------------------------------------
 
-def make_state(args, world: int, steps: int, sample_rate: float, ddp=None):
+def make_state(args, world: int, steps: int, sample_rate: float, num_records: int, ddp=None):
     eps = args.epsilon if math.isfinite(args.epsilon) else None
     common = {"sketch": args.sketch, "sketch_ratio": args.sketch_ratio, "sketch_seed": args.seed,
               "noise_seed": args.noise_seed}
@@ -152,7 +155,7 @@ def make_state(args, world: int, steps: int, sample_rate: float, ddp=None):
     if args.clip <= 0:  # non-private: the plain (sketched) average of the ranks' mean gradients
         return SketchDPState(level="client", **common)
     return SketchDPState(level="record", noise_placement="gradient", sample_rate=sample_rate,
-                         **privacy, **common)
+                         num_records=num_records, **privacy, **common)
 
 
 def record_step(args, state, gsm, params, x, y, batch: float) -> None:
@@ -162,11 +165,10 @@ def record_step(args, state, gsm, params, x, y, batch: float) -> None:
     if args.noise_placement == "sketch":
         release_sketch_space(state, params, batch, (args.seed * 1_000_003 + state.step) % 2**63)
         return
-    if len(x):
-        clip_per_sample_(params, args.clip)
-    else:  # an empty Poisson batch still releases (noise only), so the accounting holds
+    if not len(x):  # an empty Poisson batch still releases (noise only), so the accounting holds
         for p in params:
-            p.grad = torch.zeros_like(p)
+            p.grad_sample = torch.zeros(0, *p.shape)
+    state.clip_per_sample_(params)  # the state's own clip_norm; reduce_ accepts nothing else
     state.reduce_(params, batch_size=batch)
 
 
@@ -195,17 +197,19 @@ def train(rank: int, world: int, args, data=None) -> dict:
         gsm = GradSampleModule(net)
     if args.level == "record" and args.noise_placement == "sketch" and not private:
         raise SystemExit("train_dp: --noise-placement sketch needs clipping (--clip > 0)")
-    state = make_state(args, world, steps, sample_rate, ddp)
+    state = make_state(args, world, steps, sample_rate, shard, ddp)
     params = list(net.parameters())
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
-    sampler = torch.Generator().manual_seed(1_000_003 * args.seed + rank)  # this rank's own draws
+    shuffle = torch.Generator().manual_seed(1_000_003 * args.seed + rank)  # client level only
+    poisson = iter(PoissonBatchSampler(shard, sample_rate, steps, generator=None if args.sampling_seed is None
+                                       else 1_000_003 * args.sampling_seed + rank))
     log = {"args": vars(args), "world": world, "params": sum(p.numel() for p in params),
            "shard": shard, "sample_rate": sample_rate, "steps": steps,
            "noise_multiplier": state.noise_multiplier, "acc": [], "epsilon": [], "loss": [],
            "batch_sizes": []}
     t_start = time.perf_counter()
     for epoch in range(args.epochs):
-        order = torch.randperm(shard, generator=sampler)
+        order = torch.randperm(shard, generator=shuffle)
         batches = range(steps_per_epoch)
         if rank == 0 and not args.no_progress:
             from tqdm import tqdm
@@ -213,8 +217,8 @@ def train(rank: int, world: int, args, data=None) -> dict:
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         losses = []
         for i in batches:
-            if args.level == "record":  # Poisson sampling: what the accountant assumes
-                idx = (torch.rand(shard, generator=sampler) < sample_rate).nonzero().flatten()
+            if args.level == "record":  # Poisson sampling from OS entropy: what the accountant assumes
+                idx = torch.tensor(next(poisson), dtype=torch.long)
             else:
                 idx = order[i * args.batch:(i + 1) * args.batch]
             x, y = xs[idx], ys[idx]
