@@ -93,7 +93,7 @@ def _hook_bytes(rank, world, out):
     for name, opts in (("terngrad", {"collective": "int8"}), ("terngrad", {"collective": "allgather"}),
                        ("terngrad", {"collective": "two_phase"}), ("sketch_dp", {"sketch_ratio": 0.05})):
         ddp = DDP(torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)), bucket_cap_mb=25)
-        extra = {"noise_multiplier": 0.0, "clip_norm": 1.0} if name == "sketch_dp" else {"min_compress_numel": 1}
+        extra = {"noise_multiplier": None, "clip_norm": 1.0} if name == "sketch_dp" else {"min_compress_numel": 1}
         state = commcomp.register(ddp, name, **opts, **extra)
         ddp(torch.randn(4, 300)).sum().backward()
         if name == "terngrad":
