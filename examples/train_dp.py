@@ -82,7 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--clip", type=float, default=1.0, help="per-sample (record) or per-rank "
                     "(client) L2 bound; 0 with --epsilon inf: no clipping, non-private")
-    ap.add_argument("--seed", type=int, default=0, help="model init, sketch seed and client-level shuffle (sampling: --sampling-seed)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="model init, sketch seed and client-level shuffle (sampling: --sampling-seed)")
     ap.add_argument("--noise-seed", type=int, default=None,
                     help="repeatable noise for experiments, INSECURE (default: OS entropy, as in deployment)")
     ap.add_argument("--sampling-seed", type=int, default=None,
