@@ -18,8 +18,9 @@ trains a small tanh CNN (``_mnist.DPCNN``, 26,010 parameters) with SGD. Two leve
   everyone outside the digit's own rank (local DP per message, see ``sketch_dp``).
 * ``--level client``: each rank is one client; the DDP hook (``commcomp.register(model,
   "sketch_dp", ...)``) clips each rank's whole batch gradient and noises it. Fixed-size
-  shuffled batches, ``sample_rate`` 1, replace adjacency (any two datasets of the client). With 4 clients this is a very strong unit of privacy
-  and the noise drowns the signal at any useful epsilon; it is here so both levels run.
+  shuffled batches, ``sample_rate`` 1, replace adjacency (any two datasets of the client).
+  With 4 clients this is a very strong unit of privacy and the noise drowns the signal at any
+  useful epsilon; it is here so both levels run.
 
 Privacy knobs: ``--epsilon E`` calibrates the noise (``dp-accounting``, RDP) so that all the
 planned steps spend ``E`` at ``--delta``; ``--epsilon inf`` adds no noise but keeps the
