@@ -130,10 +130,10 @@ def release_sketch_space(state: SketchDPState, params, batch_size: float, step_s
         y += (coef[:, None] * sketches).sum(0)
     if state.noise_multiplier > 0:
         y += state.noise.gaussian(y.numel(), state.noise_multiplier * state.clip_norm, y.device)
+    state.ledger.record()  # counted before it is sent, as the library does
     dist.all_reduce(y, group=state.process_group)
     state.add_bytes(collectives.ring_allreduce_bytes(4 * y.numel(), state.world_size))
     state.add_fp32_bytes(collectives.ring_allreduce_bytes(4 * d, state.world_size))
-    state.ledger.record()
     state.step += 1
     avg = sk.transpose(y).div_(state.world_size * batch_size)
     pos = 0

@@ -229,6 +229,7 @@ class SketchDPState(HookStateBase):
         self._open_parts = 0  # bucket scope: buckets of the current step released so far
         self._clipped: Dict[int, Tuple[torch.Tensor, int]] = {}  # record level: id(p) -> (grad, version)
         self._lock = threading.Lock()
+        self._attached = False  # commcomp.register ran attach (the side-channel checks)
         self._pending: List[tuple] = []  # model scope: (index, x, buf, future) until the last bucket
 
     # -- options, checkpoints, accounting
@@ -268,12 +269,27 @@ class SketchDPState(HookStateBase):
                 raise ValueError(
                     f"commcomp sketch_dp: DDP(broadcast_buffers=True) sends rank 0's buffers "
                     f"({names}, e.g. BatchNorm running statistics of its data) in the clear every "
-                    "step, outside the privacy guarantee; construct DDP with "
-                    "broadcast_buffers=False, or replace BatchNorm with GroupNorm (Opacus' "
-                    "ModuleValidator.fix does that)")
+                    "step, outside the privacy guarantee. Replace BatchNorm with GroupNorm "
+                    "(opacus.validators.ModuleValidator.fix does that). broadcast_buffers=False "
+                    "only keeps them off the wire: data-dependent, un-noised statistics then stay "
+                    "in each rank's model, so do it only if that model is never shared")
         super().attach(model)
+        self._attached = True
         param = next(iter(model.parameters()), None)
         self.check_first_step(param.device if param is not None else torch.device("cpu"))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint (checked before anything changes). A ledger with fewer released
+        messages than this state has sent is refused: it would forget messages that are out.
+        After a crash, messages sent since the checkpoint are not in it: keep checkpoints
+        frequent, or account them yourself (the gap is documented in docs/privacy.md)."""
+        saved = sum(int(n) for n in state.get("ledger", {}).get("parts", {}).values())
+        if saved < self.ledger.steps:
+            raise ValueError(
+                f"commcomp sketch_dp: the checkpoint's ledger has {saved} released messages, this "
+                f"state has already sent {self.ledger.steps}; loading it would forget messages "
+                "that are out and let the budget be overspent. Load it into a fresh state.")
+        super().load_state_dict(state)
 
     def _extra_state(self) -> dict:
         # The noise key is deliberately not saved: a restart draws a fresh one.
@@ -281,10 +297,9 @@ class SketchDPState(HookStateBase):
                 "nonfinite_steps": self.nonfinite_steps}
 
     def _load_extra_state(self, extra: dict) -> None:
-        if "ledger" in extra:
-            self.ledger.load_state_dict(extra["ledger"])
-        else:  # checkpoints before the per-step ledger: one mechanism per release
-            self.ledger.parts = {1: int(extra.get("ledger_steps", 0))}
+        # (Checkpoints from before the per-step ledger lack the adjacency option and are refused
+        # by the options check: their epsilon was computed under other assumptions.)
+        self.ledger.load_state_dict(extra["ledger"])
         self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
 
     def epsilon(self, delta: Optional[float] = None) -> float:
@@ -364,6 +379,14 @@ class SketchDPState(HookStateBase):
         world = self.world_size
         self._check_budget()
         msg, sks, bad = self.encode(parts, step, clip)
+        self._open_parts += len(parts) if self.clip_scope == "bucket" else 1
+        if last:  # every message counts, sent before the collective can fail
+            self.ledger.record(parts=self._open_parts)
+            self._open_parts = 0
+        dist.all_reduce(msg, group=self.process_group)
+        self.add_bytes(collectives.ring_allreduce_bytes(4 * msg.numel(), world))
+        self.add_fp32_bytes(sum(collectives.ring_allreduce_bytes(4 * x.numel(), world) for _, x in parts))
+        # Only now: a warning turned into an error must not keep this rank from sending.
         if self.private and bool(bad):
             self.nonfinite_steps += 1
             warnings.warn(
@@ -372,13 +395,6 @@ class SketchDPState(HookStateBase):
                 "non-finite flag stays on this rank, so the others cannot learn it). Lower the "
                 "learning rate or use a GradScaler, and check the loss for overflow.",
                 RuntimeWarning, stacklevel=2)
-        self._open_parts += len(parts) if self.clip_scope == "bucket" else 1
-        if last:  # every message counts, sent before the collective can fail
-            self.ledger.record(parts=self._open_parts)
-            self._open_parts = 0
-        dist.all_reduce(msg, group=self.process_group)
-        self.add_bytes(collectives.ring_allreduce_bytes(4 * msg.numel(), world))
-        self.add_fp32_bytes(sum(collectives.ring_allreduce_bytes(4 * x.numel(), world) for _, x in parts))
         if not self.private:
             flagged = int(msg[-1].item())
             if flagged:
@@ -466,6 +482,11 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
     """
     if state.level == "record":
         raise RuntimeError(_RECORD_NOT_A_HOOK)
+    if not state._attached:
+        raise RuntimeError(
+            "commcomp sketch_dp: register the hook with commcomp.register(ddp_model, 'sketch_dp', "
+            "...), not ddp_model.register_comm_hook: registration refuses DDP modes that send "
+            "data in the clear and checks the options across ranks")
     buf = bucket.buffer()
     x = buf.detach().to(torch.float32, copy=True)
     index, step, last = bucket.index(), state.step, bucket.is_last()
@@ -491,6 +512,7 @@ def _finish(state: SketchDPState, parts: list, step: int, last: bool = True) -> 
         avgs = state.release([(index, x) for index, x, _, _ in parts], step, last=last)
     except BaseException as exc:
         state.step = step
+        state._coin = (-1, True)  # a retried step tosses a fresh coin (the ledger counted this one)
         for *_, fut in parts:
             if fut is not None:
                 fut.set_exception(exc)

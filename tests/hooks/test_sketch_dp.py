@@ -287,6 +287,11 @@ def run_checkpoint(rank, world):
     assert state2.step == 3 and state2.ledger.steps == 3
     assert state2.epsilon(1e-5) == state.epsilon(1e-5)
     assert state2.metrics == state.metrics
+    early = state.state_dict()
+    local_grads(model, rank)
+    with pytest.raises(ValueError, match="forget"):  # would un-count a message that is out
+        state.load_state_dict(early)
+    assert state.ledger.steps == 4 and state.step == 4  # untouched
     _, other = ddp_model(clip_norm=1.0, noise_multiplier=2.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
         other.load_state_dict(saved)

@@ -69,6 +69,8 @@ def run_client_sampling(rank, world):
     mean = total / steps  # each coordinate: x_i * Bernoulli(q) / q + noise / q, averaged
     bound = 5 * math.sqrt(((1 - q) / q / d + (0.05 / q) ** 2) / steps)
     assert (mean - x).abs().max() < bound
+    # along x the mean is 1; a divisor of world instead of q * world would give q = 0.25
+    assert abs(float(mean @ x) - 1.0) < 5 * math.sqrt(((1 - q) / q + (0.05 / q) ** 2) / steps)
     assert state.ledger.steps == steps and state.ledger.parts == {1: steps}  # one event per step
 
 
@@ -97,6 +99,27 @@ def test_replace_adjacency_doubles_the_sensitivity():
     assert pld == pytest.approx(17.67, abs=5e-3)
     with pytest.raises(ValueError, match="accountant='pld'"):
         accounting.epsilon(1.0, 10, 1e-5, 0.5, adjacency="replace")
+
+
+def test_sampled_replace_matches_the_mixtures_integrated_numerically():
+    """Replace with Poisson sampling: the outputs are q N(+C) + (1-q) N(0) and q N(-C) +
+    (1-q) N(0) (sigma = 1, C = 1 here). delta(eps) = integral of max(0, P - e^eps Q), by
+    quadrature, independent of dp-accounting; its epsilon at that delta must come back."""
+    from scipy import integrate, stats
+
+    q, eps = 0.3, 0.5
+
+    def gap(x):
+        p = q * stats.norm.pdf(x, 1.0) + (1 - q) * stats.norm.pdf(x)
+        r = q * stats.norm.pdf(x, -1.0) + (1 - q) * stats.norm.pdf(x)
+        return max(0.0, p - math.exp(eps) * r)
+
+    delta = integrate.quad(gap, -12, 12, limit=400, epsabs=1e-13)[0]
+    assert delta == pytest.approx(0.0676180, rel=1e-4)
+    got = accounting.epsilon(1.0, 1, delta, 0.3, accountant="pld", adjacency="replace")
+    assert got == pytest.approx(eps, abs=2e-3)
+    add_remove = accounting.epsilon(1.0, 1, delta, 0.3, accountant="pld")
+    assert add_remove < eps - 0.1  # the distance-C model would understate it
 
 
 def run_adjacency_default_and_mismatch(rank, world):
@@ -208,6 +231,19 @@ def run_side_channels_refused(rank, world):
         commcomp.register(model, "sketch_dp", **private)
     commcomp.register(DDP(_BN(), broadcast_buffers=False), "sketch_dp", **private)
     commcomp.register(DDP(_BN()), "sketch_dp")  # no noise, no privacy claimed: allowed
+
+
+def run_direct_registration_refused(rank, world):
+    from commcomp.hooks import sketch_dp_hook
+
+    model = DDP(make_model())
+    model.register_comm_hook(SketchDPState(clip_norm=1.0, noise_multiplier=1.0), sketch_dp_hook)
+    with pytest.raises(RuntimeError, match="commcomp.register"):
+        local_grads(model, rank)  # the side-channel checks never ran: refuse to send
+
+
+def test_hook_refuses_to_run_without_commcomp_register(tmp_path):
+    spawn(run_direct_registration_refused, 2, tmp_path)
 
 
 def test_side_channels_are_refused_at_registration(tmp_path):
