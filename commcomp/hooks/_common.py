@@ -77,6 +77,8 @@ class HookStateBase:
     """
 
     name = "base"
+    # Options that are each rank's own (saved in checkpoints, left out of the cross-rank check).
+    per_rank_options: tuple = ()
 
     def __init__(self, process_group=None):
         if not dist.is_initialized():
@@ -111,7 +113,8 @@ class HookStateBase:
     def check_first_step(self, device) -> None:
         """Once: all ranks must run this hook with the same options (one small all-gather)."""
         if not self._checked:
-            opts = dict(self.options(), hook=self.name, world_size=self.world_size)
+            opts = {k: v for k, v in self.options().items() if k not in self.per_rank_options}
+            opts = dict(opts, hook=self.name, world_size=self.world_size)
             check_same_options(opts, self.world_size, self.process_group, device)
             self._checked = True
 

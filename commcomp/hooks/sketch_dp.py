@@ -140,6 +140,7 @@ class SketchDPState(HookStateBase):
     """
 
     name = "sketch_dp"
+    per_rank_options = ("num_records",)  # each rank's own data size
 
     def __init__(self, process_group=None, sketch_ratio: float = 0.01, sketch: str = "countsketch",
                  noise_multiplier: Optional[float] = None, clip_norm: Optional[float] = None,
@@ -240,16 +241,6 @@ class SketchDPState(HookStateBase):
                 "noise_placement": self.noise_placement, "sample_rate": self.sample_rate,
                 "accountant": self.accountant, "sketch_seed": self.sketch_seed,
                 "adjacency": self.adjacency, "num_records": self.num_records}
-
-    def check_first_step(self, device) -> None:
-        """Once: all ranks must agree on every option but ``num_records`` (each rank's own)."""
-        if not self._checked:
-            opts = {k: v for k, v in self.options().items() if k != "num_records"}
-            from ._common import check_same_options  # noqa: PLC0415 (same package)
-
-            check_same_options(dict(opts, hook=self.name, world_size=self.world_size),
-                               self.world_size, self.process_group, device)
-            self._checked = True
 
     def attach(self, model) -> None:
         """At registration: refuse DDP modes that send data-dependent values in the clear, then

@@ -256,3 +256,28 @@ def test_pld_calibration_is_bracketed_and_tight():
     assert accounting.epsilon(sigma, 100, 1e-5, accountant="pld") <= 2.0
     assert accounting.epsilon(sigma * 0.995, 100, 1e-5, accountant="pld") > 2.0
     assert sigma < accounting.noise_for_epsilon(2.0, 1e-5, 100)  # tighter than RDP
+
+
+def run_ddp_modes(rank, world):
+    """static_graph, gradient_as_bucket_view and no_sync accumulation work with the private
+    hook (find_unused_parameters is refused above); one message per synchronised backward."""
+    x, y = rank_batch(rank)
+    for kw in (dict(static_graph=True), dict(gradient_as_bucket_view=True), {}):
+        model = DDP(make_model(), bucket_cap_mb=0.001, **kw)
+        with pytest.warns(UserWarning, match="INSECURE"):
+            state = commcomp.register(model, "sketch_dp", clip_norm=1.0, noise_multiplier=0.5,
+                                      noise_seed=rank)
+        for i in range(3):
+            if i == 1:
+                with model.no_sync():
+                    ((model(x) - y) ** 2).mean().backward()
+            ((model(x) - y) ** 2).mean().backward()
+        assert state.ledger.steps == 3, kw
+        mine = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(every, mine)
+        assert torch.equal(every[0], every[1]), kw  # replicas agree
+
+
+def test_ddp_modes(tmp_path):
+    spawn(run_ddp_modes, 2, tmp_path)
