@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from commcomp import launch
+from commcomp import launch, launch_env
 from commcomp.launch import LaunchError, LaunchInfo, detect, first_host, resolve
 from tests._dist import is_open_mpi, mpiexec, run_mpi_module
 
@@ -65,12 +65,12 @@ def test_slurm_without_master_derives_the_port_and_leaves_the_host_to_resolve():
 
 def test_slurm_master_from_scontrol_or_the_node_list(monkeypatch, tmp_path):
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu-[07-08]"}
-    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    monkeypatch.setattr(launch_env.shutil, "which", lambda name: None)
     assert resolve(detect(env), env).master_addr == "gpu-07"
     fake = tmp_path / "scontrol"  # a stand-in that prints what scontrol show hostnames would
     fake.write_text("#!/bin/sh\necho gpu-a; echo gpu-b\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(launch.shutil, "which", lambda name: str(fake))
+    monkeypatch.setattr(launch_env.shutil, "which", lambda name: str(fake))
     assert resolve(detect(env), env).master_addr == "gpu-a"
 
 
@@ -152,8 +152,8 @@ def test_mpi_library_names_drop_open_mpis_nul_byte():
         def Get_library_version():
             return "MPICH Version:      5.0.2\nMPICH Release date: ...\n"
 
-    assert launch._mpi_library(OpenMPI) == "Open MPI v5.0.11, package: Open MPI Distribution, ident: 5.0.11"
-    assert launch._mpi_library(MPICH) == "MPICH Version:      5.0.2"
+    assert launch_env._mpi_library(OpenMPI) == "Open MPI v5.0.11, package: Open MPI Distribution, ident: 5.0.11"
+    assert launch_env._mpi_library(MPICH) == "MPICH Version:      5.0.2"
 
 
 def test_horovod_comes_first_and_derives_the_rendezvous():
