@@ -245,7 +245,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mpi_library(MPI) -> str:
+def mpi_library(MPI) -> str:
     """The first line of the MPI library's version (Open MPI's ends in a NUL byte: dropped)."""
     return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
 
@@ -263,7 +263,7 @@ def _mpi_master(info: LaunchInfo) -> Tuple[str, int]:
     if comm.Get_size() != info.world_size or comm.Get_rank() != info.rank:
         raise LaunchError(f"commcomp: mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but the environment says "
                           f"rank {info.rank} of {info.world_size} ({info.launcher}): mpi4py was built for another MPI "
-                          f"than the {what} that started this job ({_mpi_library(MPI)}). Use "
+                          f"than the {what} that started this job ({mpi_library(MPI)}). Use "
                           "that MPI's mpiexec, or export MASTER_ADDR and MASTER_PORT")
     mine = (os.environ.get("MASTER_ADDR") or socket.gethostname(), _free_port()) if info.rank == 0 else None
     addr, port = comm.bcast(mine, root=0)
@@ -299,4 +299,5 @@ def resolve(info: LaunchInfo, env: Optional[Mapping[str, str]] = None) -> Launch
     return dataclasses.replace(info, master_addr=addr, master_port=port)
 
 
-__all__ = ["LAUNCHERS", "LaunchError", "LaunchInfo", "detect", "first_host", "launcher_name", "resolve"]
+__all__ = ["LAUNCHERS", "LaunchError", "LaunchInfo", "detect", "first_host", "launcher_name", "mpi_library",
+           "resolve"]

@@ -152,8 +152,8 @@ def test_mpi_library_names_drop_open_mpis_nul_byte():
         def Get_library_version():
             return "MPICH Version:      5.0.2\nMPICH Release date: ...\n"
 
-    assert launch_env._mpi_library(OpenMPI) == "Open MPI v5.0.11, package: Open MPI Distribution, ident: 5.0.11"
-    assert launch_env._mpi_library(MPICH) == "MPICH Version:      5.0.2"
+    assert launch_env.mpi_library(OpenMPI) == "Open MPI v5.0.11, package: Open MPI Distribution, ident: 5.0.11"
+    assert launch_env.mpi_library(MPICH) == "MPICH Version:      5.0.2"
 
 
 def test_horovod_comes_first_and_derives_the_rendezvous():

@@ -1,0 +1,5 @@
+import sys
+
+from commcomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""``commcomp stragglers simulate``: the runtime of straggler-mitigation schemes (GC, SR-SGC,
+M-SGC) on a recorded trace or a synthetic straggler model, round by round.
+
+    commcomp stragglers simulate --trace Canada-w256-r20-load0_250-b2048-desktop.npz \\
+        --scheme msgc --B 1 --W 3 --lambd 30 --n-jobs 10 --mu 1.0 --base-comp 2.2 --json
+    commcomp stragglers simulate --model bursty --rounds 300 --workers 256 --search --png cmp.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from ._common import add_topic
+
+_SCHEMES = ("uncoded", "ignore", "gc", "srsgc", "msgc")
+
+_SIM_EPILOG = """\
+round model (the one of Krishnan et al., ICLR 2023, and their simulator):
+  a scheme of normalized load L replays durations + (L - trace_load) * base_comp; each round the
+  master waits fastest * (1 + mu); slower workers are stragglers. If they fit the scheme's model
+  (<= s per round for gc; the (B, W, lambd) bursty model for srsgc/msgc) the round lasts
+  min(wait, slowest), else the master waits for all (counted in num_waits). n_jobs jobs with
+  delay T take n_jobs + T rounds; runtime is the sum of their durations.
+
+examples:
+  commcomp stragglers simulate --trace Canada-w256-r20-load0_250-b2048-desktop.npz --scheme gc --s 14 --mu 1 --json
+  commcomp stragglers simulate --trace FILE.npz --search --lambd-max 64 --png compare.png
+  commcomp stragglers simulate --model bursty --gen-B 2 --gen-W 5 --gen-lambd 20 --rounds 220 \\
+      --scheme msgc --B 2 --W 5 --lambd 20 --n-jobs 200 --base-comp 10
+"""
+
+
+# the trace resampling's and synthetic models' knobs: flag, type, default, help
+_MODEL_KNOBS = (
+    ("--block", int, 1, "block length for --extend (default 1: i.i.d. rounds)"),
+    ("--rounds", int, 40, "rounds of a synthetic model (default 40)"),
+    ("--workers", int, 256, "workers n of a synthetic model (default 256)"),
+    ("--seed", int, 0, "seed of the synthetic model / resampling (default 0)"),
+    ("--base", float, 1.0, "a fast worker's time in seconds (default 1.0)"),
+    ("--slow", float, 5.0, "a straggler is this many times slower (default 5)"),
+    ("--p", float, 0.02, "bernoulli: straggling probability (default 0.02)"),
+    ("--shift", float, 1.0, "exp: shift in seconds (default 1.0)"),
+    ("--rate", float, 5.0, "exp: rate in 1/seconds (default 5)"),
+    ("--gen-B", int, 2, "bursty model: longest burst B (default 2)"),
+    ("--gen-W", int, 5, "bursty model: window W (default 5)"),
+    ("--gen-lambd", int, 20, "bursty model: distinct stragglers per window (default 20)"),
+    ("--p-start", float, 0.05, "bursty model: burst start probability (default 0.05)"),
+    ("--p-gb", float, 0.01, "ge: good->bad probability per round (default 0.01)"),
+    ("--p-bg", float, 0.5, "ge: bad->good probability per round (default 0.5)"),
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("durations (where the per-round worker times come from)")
+    g.add_argument("--model", choices=("trace", "none", "bernoulli", "exp", "bursty", "ge"), default="trace",
+                   help="trace: replay --trace; none: all workers equal; bernoulli: each worker slow with prob "
+                        "--p; exp: shift + Exp(rate); bursty: a (B, W, lambd) bursty pattern (--gen-*); "
+                        "ge: Gilbert-Elliott good/bad chain per worker (--p-gb, --p-bg). Default: trace")
+    g.add_argument("--trace", help="trace .npz (a path, or a file name from the shipped/full trace sets)")
+    g.add_argument("--extend", type=int, metavar="ROUNDS",
+                   help="resample the trace's rounds (block bootstrap, --block) up to ROUNDS rounds")
+    for flag, kind, default, text in _MODEL_KNOBS:
+        g.add_argument(flag, type=kind, default=default, help=text)
+
+
+def _durations(a) -> tuple:
+    """(durations, trace_load, label)."""
+    from commcomp.coding import stragglers as st
+
+    rng = np.random.default_rng(a.seed)
+    if a.model == "trace":
+        if not a.trace:
+            raise SystemExit("commcomp: --model trace needs --trace FILE.npz (or choose a synthetic --model)")
+        tr = st.load_trace(a.trace)
+        d = tr.durations if not a.extend else st.extend_trace(tr.durations, a.extend, rng, a.block)
+        return d, tr.load, tr.name
+    r, n = a.rounds, a.workers
+    if a.model == "none":
+        d = st.no_stragglers(r, n, a.base)
+    elif a.model == "bernoulli":
+        d = st.bernoulli(r, n, a.p, rng, a.base, a.slow)
+    elif a.model == "exp":
+        d = st.shifted_exponential(r, n, a.shift, a.rate, rng)
+    elif a.model == "bursty":
+        pat = st.bursty(r, n, a.gen_B, a.gen_W, a.gen_lambd, rng, a.p_start)
+        d = st.pattern_to_durations(pat, rng, a.base, a.slow)
+    else:
+        d = st.gilbert_elliott(r, n, a.p_gb, a.p_bg, rng, a.base, a.slow)
+    return d, 0.0, f"{a.model} model"
+
+
+def _params(a) -> dict:
+    if a.scheme in ("gc", "ignore"):
+        if a.s is None:
+            raise SystemExit(f"commcomp: --scheme {a.scheme} needs --s S (stragglers tolerated per round)")
+        return {"s": a.s}
+    if a.scheme in ("srsgc", "msgc"):
+        missing = [f"--{k}" for k in ("B", "W", "lambd") if getattr(a, k) is None]
+        if missing:
+            raise SystemExit(f"commcomp: --scheme {a.scheme} needs --B, --W and --lambd; missing {' '.join(missing)}")
+        return {"B": a.B, "W": a.W, "lambd": a.lambd}
+    return {}
+
+
+def _plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = list(results)
+    ax[0].bar(names, [results[k].runtime for k in names], color="tab:blue")
+    ax[0].set_ylabel("runtime (s)")
+    ax[0].set_title("best runtime per scheme")
+    for k in names:
+        ax[1].plot(np.cumsum(results[k].round_durations), label=f"{k} {results[k].params}")
+    ax[1].set_xlabel("round")
+    ax[1].set_ylabel("elapsed (s)")
+    ax[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _cmd_simulate(a) -> int:
+    from commcomp.coding.simulate import search, simulate
+
+    d, trace_load, label = _durations(a)
+    if a.trace_load is not None:
+        trace_load = a.trace_load
+    kw = dict(n_jobs=a.n_jobs, mu=a.mu, base_comp=a.base_comp, trace_load=trace_load)
+    try:
+        if a.search or a.png and not a.scheme:
+            lam = range(1, (a.lambd_max or d.shape[1]) + 1, a.lambd_step)
+            ss = range(0, (a.lambd_max or d.shape[1]), a.lambd_step)
+            res = search(d, a.schemes.split(","), lambds=lam, s_values=ss,
+                         progress=not a.json and sys.stderr.isatty(), **kw)
+        else:
+            if not a.scheme:
+                raise SystemExit("commcomp: give --scheme (or --search to find each scheme's best parameters)")
+            res = {a.scheme: simulate(d, a.scheme, _params(a), **kw)}
+    except ValueError as e:
+        raise SystemExit(f"commcomp: {e}")
+    if a.png:
+        _plot(res, a.png, f"{label}, n={d.shape[1]}, mu={a.mu}, base_comp={a.base_comp}")
+    keys = ("runtime", "load", "T", "num_waits", "params")
+    if a.json:
+        out = {k: {f: v.to_dict()[f] for f in keys} for k, v in res.items()}
+        print(json.dumps(out[a.scheme] if len(out) == 1 and not a.search else out, indent=1))
+    else:
+        print(f"{label}: {d.shape[0]} rounds x {d.shape[1]} workers, mu={a.mu}, base_comp={a.base_comp}, "
+              f"trace_load={trace_load}")
+        print(f"{'scheme':8} {'runtime_s':>10} {'load':>8} {'T':>3} {'waits':>5}  params")
+        for k, r in res.items():
+            print(f"{k:8} {r.runtime:10.3f} {r.load:8.5f} {r.T:3d} {r.num_waits:5d}  {r.params}")
+    return 0
+
+
+def add_stragglers(sub) -> None:
+    p = add_topic(sub, "stragglers", None, help="straggler models and gradient-coding runtime simulation",
+                  description="Straggler models and the runtime of straggler-mitigation schemes "
+                              "(GC, SR-SGC, M-SGC; Krishnan et al. ICLR 2023).")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = add_topic(acts, "simulate", _cmd_simulate,
+                  help="runtime of a scheme (or the best of each) on a trace or a model",
+                  description="Simulate a straggler-mitigation scheme round by round.", epilog=_SIM_EPILOG, raw=True)
+    _add_model_args(s)
+    g = s.add_argument_group("scheme")
+    g.add_argument("--scheme", choices=_SCHEMES, help="uncoded: wait for all; ignore: wait for the fastest n-s; "
+                   "gc: gradient coding (--s); srsgc, msgc: sequential GC for the bursty model (--B --W --lambd)")
+    g.add_argument("--s", type=int, help="gc/ignore: stragglers tolerated per round (gc load (s+1)/n)")
+    g.add_argument("--B", type=int, help="srsgc/msgc: longest burst, in rounds (srsgc needs B | W-1)")
+    g.add_argument("--W", type=int, help="srsgc/msgc: window, in rounds (> B)")
+    g.add_argument("--lambd", type=int, help="srsgc/msgc: distinct stragglers tolerated per window of W rounds")
+    g.add_argument("--n-jobs", type=int, help="jobs (gradient steps) to finish; default: half the rounds")
+    g.add_argument("--mu", type=float, default=1.0, help="the master waits fastest*(1+mu) per round (default 1.0)")
+    g.add_argument("--base-comp", type=float, default=0.0,
+                   help="seconds a worker spends per unit of normalized load (default 0: load is free)")
+    g.add_argument("--trace-load", type=float, help="load the durations were measured at (default: the trace's)")
+    o = s.add_argument_group("search and output")
+    o.add_argument("--search", action="store_true", help="best parameters of each of --schemes (grid search)")
+    o.add_argument("--schemes", default=",".join(_SCHEMES), help="comma-separated schemes for --search/--png")
+    o.add_argument("--lambd-max", type=int, help="search lambd and s only up to this (default n; smaller is faster)")
+    o.add_argument("--lambd-step", type=int, default=1, help="search every k-th lambd and s (default 1)")
+    o.add_argument("--json", action="store_true", help="print JSON: runtime, load, T, num_waits, params")
+    o.add_argument("--png", help="write a plot comparing the schemes (implies --search without --scheme)")
