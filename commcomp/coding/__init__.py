@@ -5,8 +5,10 @@ coordinator, sequential gradient coding, straggler models and a simulator.
   (Tandon et al. 2017);
 * :mod:`~commcomp.coding.data` -- which partitions each rank computes, and the coded loss (one
   backward gives the coded gradient);
-* :mod:`~commcomp.coding.coordinator` -- first-(n - s) aggregation over point-to-point
-  messages (torch.distributed or MPI), used by the ``"gradient_coding"`` DDP hook;
+* :mod:`~commcomp.coding.coordinator` -- first-(n - s) aggregation (the paper's master), used
+  by the ``"gradient_coding"`` DDP hook;
+* :mod:`~commcomp.coding.transport` -- how coded gradients travel: point-to-point messages over
+  torch.distributed or MPI, their wire format, and the per-peer threads;
 * :mod:`~commcomp.coding.sequential` -- SR-SGC and M-SGC (Krishnan et al. 2023);
 * :mod:`~commcomp.coding.stragglers`, :mod:`~commcomp.coding.simulate` -- straggler models
   (incl. replay of real AWS Lambda traces) and the round-level simulator behind
@@ -21,7 +23,8 @@ from commcomp.coding.codes import (
     fractional_repetition_code,
     make_code,
 )
-from commcomp.coding.coordinator import CodedAggregator, MPITransport, TorchTransport
+from commcomp.coding.coordinator import CodedAggregator
+from commcomp.coding.transport import MPITransport, TorchTransport
 from commcomp.coding.data import CodedSampler, coded_loss, uncoded_partition
 from commcomp.coding import sequential, simulate, stragglers
 from commcomp.coding.sequential import GC, MSGC, SRSGC, make_scheme

