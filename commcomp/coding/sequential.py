@@ -1,8 +1,21 @@
 """Sequential gradient coding: GC, SR-SGC and M-SGC as plain classes.
 
 Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding for Straggler Mitigation", ICLR 2023.
-Training runs jobs (one gradient per job) in rounds; n workers each compute some tasks per round.
-A scheme with delay T finishes job t at the end of round t + T, so J jobs take J + T rounds.
+Training runs jobs (one gradient per job: the paper's g(1), ..., g(J)) in rounds; n workers each
+compute some tasks per round and a master collects them. A scheme with delay T finishes job t at
+the end of round t + T, so J jobs take J + T rounds.
+
+The names of the paper, as used throughout:
+
+- ``n``: workers; ``s``: stragglers tolerated in every round (GC's model).
+- the **(B, W, lambd) bursty model** (the paper's (B, W, lambda)): in every window of ``W``
+  consecutive rounds at most ``lambd`` distinct workers straggle, and each of them straggles in
+  one burst of at most ``B`` consecutive rounds of that window (``1 <= B < W``, ``lambd <= n``).
+- ``T``: the delay, rounds between a job's start and its decoding (0 for GC).
+- **load**: the fraction of one job's gradient a worker computes per round, normalized so that
+  an uncoded worker's share is 1/n (the paper's normalized load; lower is cheaper).
+- ``D1``, ``D2``: M-SGC's two parts of a job's gradient, ``D1`` repeated (uncoded) over ``W - 1``
+  minitasks and ``D2`` coded with GC over ``B`` minitasks (see :class:`MSGC`).
 
 - :class:`GC` (Tandon et al. 2017): each round, every worker computes a coded partial gradient of
   the round's job; any n - s results decode it. Load (s + 1) / n, delay 0, tolerates any s
@@ -47,9 +60,14 @@ __all__ = [
     "Uncoded", "IgnoreStragglers", "GC", "SRSGC", "MSGC", "SCHEMES", "make_scheme",
 ]
 
-# task kinds in Schedule.assign
+# Task kinds in the ``kinds`` array of Schedule.assign: what a worker's slot of a round computes.
+#   IDLE    nothing (before the first job, or a slot whose job does not exist yet);
+#   CODED   the worker's GC-coded partial gradient of the slot's job (GC, SR-SGC);
+#   REPEAT  SR-SGC's selective repetition: the coded task of job r - B the worker failed to return;
+#   D1      an uncoded chunk of the job's D1 part (M-SGC), repeated until the worker returns it;
+#   D2      one of the job's B GC-coded groups of its D2 part (M-SGC).
 IDLE, CODED, REPEAT, D1, D2 = 0, 1, 2, 3, 4
-KIND_NAMES = {IDLE: "idle", CODED: "coded", REPEAT: "repeat", D1: "d1", D2: "d2"}
+KIND_NAMES = {IDLE: "idle", CODED: "coded", REPEAT: "repeat", D1: "d1", D2: "d2"}  # kind -> name, for printing
 
 
 class DecodingError(RuntimeError):
@@ -74,10 +92,11 @@ class PerRoundCondition:
         self.s = s
 
     def fits(self, is_straggler: np.ndarray) -> bool:
+        """Whether a round whose stragglers are ``is_straggler`` (bool (n,)) has at most ``s``."""
         return int(np.count_nonzero(is_straggler)) <= self.s
 
     def record(self, is_straggler: np.ndarray) -> None:
-        pass
+        """Nothing to remember: GC's model looks at one round at a time."""
 
 
 class BurstyCondition:
@@ -101,12 +120,16 @@ class BurstyCondition:
         return self._hist[[(self._r - k) % len(self._hist) for k in ks]].any(axis=0)
 
     def fits(self, is_straggler: np.ndarray) -> bool:
+        """Whether the next round, with stragglers ``is_straggler`` (bool (n,)), keeps the
+        recorded history inside the (B, W, lambd) model (conditions (1) and (2) above)."""
         s = np.asarray(is_straggler, dtype=bool)
         if int(np.count_nonzero(self._rows(1, self.W - 1) | s)) > self.lambd:
             return False
         return not bool((self._rows(self.B, self.W - 1) & s).any())
 
     def record(self, is_straggler: np.ndarray) -> None:
+        """Append the round's stragglers to the history (all False for a round the master
+        waited out: its stragglers caught up and do not count)."""
         if self.W > 1:
             self._hist[self._r % len(self._hist)] = np.asarray(is_straggler, dtype=bool)
         self._r += 1
@@ -117,7 +140,13 @@ class Schedule(abc.ABC):
     """Per-round bookkeeping of one scheme: ``assign(r)`` says what each worker computes in round
     r as ``(jobs, kinds)`` arrays of shape (n, slots); ``record(r, returned)`` stores which workers
     returned (bool (n,)) and returns the job decoded at the end of round r (or None), raising
-    :class:`DecodingError` if that job cannot be decoded. Call them in round order."""
+    :class:`DecodingError` if that job cannot be decoded. Call them in round order.
+
+    ``slots`` is the number of tasks (the paper's minitasks) a worker computes per round: 1 for
+    GC and SR-SGC, ``W - 1 + B`` for M-SGC. ``T`` is the scheme's delay: job ``r - T`` is due at
+    the end of round ``r``. ``jobs``, ``kinds`` and ``got`` keep every round's assignment and
+    returns (they grow as rounds go by).
+    """
 
     def __init__(self, n: int, slots: int, T: int, rounds: int = 64):
         self.n, self.slots, self.T = n, slots, T
@@ -134,6 +163,10 @@ class Schedule(abc.ABC):
             self.got = np.concatenate([self.got, np.zeros((extra, self.n), bool)])
 
     def assign(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
+        """What each worker computes in round ``r``: ``(jobs, kinds)``, both (n, slots); slot ``m``
+        of worker ``i`` works on job ``jobs[i, m]`` (-1: none) as task kind ``kinds[i, m]``
+        (:data:`IDLE`, :data:`CODED`, :data:`REPEAT`, :data:`D1`, :data:`D2`). The plan of round
+        ``r`` depends on which workers returned in earlier rounds, so record those first."""
         if r != self._next:
             raise ValueError(f"rounds must be assigned in order: expected round {self._next}, got {r}")
         self._grow(r)
@@ -141,6 +174,9 @@ class Schedule(abc.ABC):
         return self.jobs[r], self.kinds[r]
 
     def record(self, r: int, returned: np.ndarray) -> Optional[int]:
+        """Store which workers returned their round-``r`` tasks (bool (n,)); return the job due
+        at the end of round ``r`` (``r - T``; None while ``r < T``), or raise
+        :class:`DecodingError` when the returns so far cannot decode it."""
         if r != self._next:
             raise ValueError(f"record round {self._next} next (after assign), got {r}")
         self.got[r] = np.asarray(returned, dtype=bool)
@@ -163,6 +199,8 @@ class Schedule(abc.ABC):
 
 
 class _GCSchedule(Schedule):
+    """GC: every worker computes its coded task of job r in round r; any n - s decode it."""
+
     def __init__(self, n: int, s: int):
         super().__init__(n, 1, 0)
         self.s = s
@@ -175,6 +213,8 @@ class _GCSchedule(Schedule):
 
 
 class _SRSchedule(Schedule):
+    """SR-SGC: GC on job r in round r, plus selective repetition of job r - B's missing tasks."""
+
     def __init__(self, n: int, s: int, B: int):
         super().__init__(n, 1, B)
         self.s, self.B = s, B
@@ -197,6 +237,8 @@ class _SRSchedule(Schedule):
 
 
 class _MSchedule(Schedule):
+    """M-SGC: W - 1 + B minitasks per round, minitask m of round r on job r - m (D1, then D2)."""
+
     def __init__(self, n: int, B: int, W: int, lambd: int):
         super().__init__(n, W - 1 + B, W - 2 + B)
         self.B, self.W, self.lambd, self.D1 = B, W, lambd, W - 1
@@ -235,6 +277,10 @@ class _MSchedule(Schedule):
 
 # ----------------------------------------------------------------------------- schemes
 class _Scheme:
+    """What every scheme has: ``name`` (its key in :data:`SCHEMES`), ``n`` workers, the delay
+    ``T`` in rounds, its ``params``, its ``load``, the straggler model it tolerates
+    (:meth:`condition`) and its task layout (:meth:`schedule`)."""
+
     name = ""
     T = 0
 
@@ -243,6 +289,7 @@ class _Scheme:
 
     @property
     def params(self) -> Dict[str, int]:
+        """The scheme's parameters by name (``{"s": ...}`` or ``{"B": ..., "W": ..., "lambd": ...}``)."""
         return {}
 
     def condition(self):
@@ -250,6 +297,7 @@ class _Scheme:
         return None
 
     def schedule(self) -> Optional[Schedule]:
+        """A fresh :class:`Schedule` of who computes what per round (None: no coded tasks to track)."""
         return None
 
     def __repr__(self):
@@ -262,6 +310,7 @@ class Uncoded(_Scheme):
 
     @property
     def load(self) -> float:
+        """1/n: each worker computes its own partition once."""
         return 1.0 / self.n
 
 
@@ -274,6 +323,7 @@ class _PerRound(_Scheme):
 
     @property
     def params(self):
+        """``{"s": s}``."""
         return {"s": self.s}
 
 
@@ -284,25 +334,33 @@ class IgnoreStragglers(_PerRound):
 
     @property
     def load(self) -> float:
+        """1/n, as uncoded: nothing is computed twice."""
         return 1.0 / self.n
 
 
 class GC(_PerRound):
-    """Gradient coding tolerating any ``s`` stragglers per round (0 <= s < n)."""
+    """Gradient coding (Tandon et al. 2017) tolerating any ``s`` stragglers per round
+    (0 <= s < n): each worker computes a coded combination of ``s + 1`` partitions of the
+    round's job, and any ``n - s`` returns decode it at once. Delay ``T = 0``."""
     name = "gc"
 
     @property
     def load(self) -> float:
+        """(s + 1) / n: each worker computes s + 1 of the n partitions."""
         return (self.s + 1) / self.n
 
     def condition(self):
+        """At most ``s`` stragglers per round (:class:`PerRoundCondition`)."""
         return PerRoundCondition(self.s)
 
     def schedule(self):
+        """One coded task per worker per round, on the round's own job."""
         return _GCSchedule(self.n, self.s)
 
 
 class _BWL(_Scheme):
+    """A scheme for the (B, W, lambd) bursty model: 1 <= B < W, 0 <= lambd <= n."""
+
     def __init__(self, n: int, B: int, W: int, lambd: int):
         super().__init__(n)
         self.B = _int("B", B, 1, None, self.name)
@@ -311,14 +369,24 @@ class _BWL(_Scheme):
 
     @property
     def params(self):
+        """``{"B": ..., "W": ..., "lambd": ...}``."""
         return {"B": self.B, "W": self.W, "lambd": self.lambd}
 
     def condition(self):
+        """The (B, W, lambd) bursty model (:class:`BurstyCondition`)."""
         return BurstyCondition(self.n, self.B, self.W, self.lambd)
 
 
 class SRSGC(_BWL):
-    """Selective-repeat SGC for the (B, W, lambd) bursty model; needs B to divide W - 1."""
+    """Selective-repeat SGC (the paper's SR-SGC) for the (B, W, lambd) bursty model; needs B to
+    divide W - 1.
+
+    GC with ``s = ceil(B lambd / (W - 1 + B))`` stragglers per round: job t is computed in
+    round t; in round t + B, all but ``s`` of the workers whose job-t result is missing repeat
+    their job-t task instead of job t + B, so job t decodes at the end of round t + B from
+    ``n - s`` results of rounds t and t + B. Load ``(s + 1) / n`` -- below GC's for the same
+    bursty model, which GC covers only with ``s = lambd`` -- at delay ``T = B``.
+    """
     name = "srsgc"
 
     def __init__(self, n: int, B: int, W: int, lambd: int):
@@ -333,14 +401,27 @@ class SRSGC(_BWL):
 
     @property
     def load(self) -> float:
+        """(s + 1) / n with the ``s`` derived from (B, W, lambd)."""
         return (self.s + 1) / self.n
 
     def schedule(self):
+        """One task per worker per round: the round's coded task, or a repeat of job r - B's."""
         return _SRSchedule(self.n, self.s, self.B)
 
 
 class MSGC(_BWL):
-    """Multiplexed SGC for the (B, W, lambd) bursty model (lambd < n)."""
+    """Multiplexed SGC (the paper's M-SGC, its main scheme) for the (B, W, lambd) bursty model.
+
+    Each job's gradient is split in two parts. ``D1`` is spread over ``W - 1`` minitasks, one
+    uncoded chunk per worker per minitask; ``D2`` is cut into ``B`` groups, each coded with an
+    ``(n, n - lambd)`` GC (any ``n - lambd`` returns decode a group). A round holds
+    ``W - 1 + B`` minitasks per worker, minitask ``m`` of round ``r`` belonging to job ``r - m``:
+    the first ``W - 1`` are ``D1`` chunks, the next ``B`` are ``D2`` groups, except that a
+    worker that straggled through some of the job's ``D1`` minitasks repeats ``D1`` there
+    instead (a burst lasts at most ``B`` rounds, so it catches up); the at most ``lambd`` such
+    workers are what the ``D2`` code tolerates. Delay ``T = W - 2 + B``; load (:attr:`load`)
+    far below GC's for the same model.
+    """
     name = "msgc"
 
     def __init__(self, n: int, B: int, W: int, lambd: int):
@@ -349,15 +430,19 @@ class MSGC(_BWL):
 
     @property
     def load(self) -> float:
+        """``(lambd + 1)(W - 1 + B) / (n (B + (W - 1)(lambd + 1)))``, or ``(W - 1 + B) / (n (W - 1))``
+        when ``lambd = n`` (every worker may straggle: D2 is empty and all is repetition)."""
         n, B, W, lam = self.n, self.B, self.W, self.lambd
         if lam == n:
             return (W - 1 + B) / (n * (W - 1))
         return (lam + 1) * (W - 1 + B) / (n * (B + (W - 1) * (lam + 1)))
 
     def schedule(self):
+        """``W - 1 + B`` minitasks per worker per round, D1 or D2, adapted to past stragglers."""
         return _MSchedule(self.n, self.B, self.W, self.lambd)
 
 
+# every scheme by its name (what `commcomp stragglers simulate --scheme` and make_scheme take)
 SCHEMES = {c.name: c for c in (Uncoded, IgnoreStragglers, GC, SRSGC, MSGC)}
 
 
