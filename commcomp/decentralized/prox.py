@@ -1,11 +1,18 @@
 """Proximal operators for the nonsmooth regularizer ``r`` of a composite problem ``f(x) + r(x)``.
 
-DProxSGT / CDProxSGT (Yan et al., ICML 2023) take, after mixing, the proximal step
+Yan, Chen, Hu, Xu, "Compressed Decentralized Proximal Stochastic Gradient Method for Nonconvex
+Composite Problems with Heterogeneous Data" (ICML 2023) solve ``min_x (1/n) sum_i f_i(x) + r(x)``
+over ``n`` agents: ``f_i`` is agent ``i``'s smooth (nonconvex) loss, ``r`` a closed convex and
+possibly nonsmooth regularizer that every agent shares. DProxSGT and its compressed variant
+CDProxSGT track the average gradient and, after mixing, take the proximal step
 
     ``x <- prox_{eta r}(v) = argmin_z  r(z) + ||z - v||^2 / (2 eta)``
 
-with ``eta`` the step size. A regularizer acts on each parameter tensor separately; ``apply_``
-writes the result into the tensor (a parameter's ``.data``) so the model needs no copy.
+with ``eta`` the step size (``v``: the mixed point after the gradient step). This module holds
+``r``: one :class:`Prox` per regularizer, which computes ``prox_{eta r}`` (:meth:`Prox.apply_`)
+and ``r`` itself (:meth:`Prox.value`, for the composite objective ``f + r``). A regularizer acts
+on each parameter tensor separately (``r`` is separable over tensors); ``apply_`` writes the
+result into the tensor (a parameter's ``.data``) so the model needs no copy.
 
 =================  ==========================  =====================================================
 spec               ``r(x)``                    prox
@@ -34,22 +41,14 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from ..utils import validate
+
 __all__ = ["Prox", "L1", "L2Squared", "L2Norm", "Box", "FunctionProx", "make_prox", "sparsity", "PROXES"]
 
 
-def _nonneg(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"commcomp: {name} must be a finite number >= 0 (the regularization strength; "
-                         f"0 turns the regularizer off), got {v!r}")
-    return float(v)
-
-
 def _step(step_size) -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or \
-            not math.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"commcomp: step_size (eta in prox_{{eta r}}) must be a finite number > 0, "
-                         f"got {step_size!r}; pass the learning rate of the step the prox follows")
-    return float(step_size)
+    return validate.positive(step_size, "step_size (eta in prox_{eta r})",
+                             hint="pass the learning rate of the step the prox follows")
 
 
 def _norm64(x: torch.Tensor, ord: float = 2) -> torch.Tensor:
@@ -64,7 +63,7 @@ class Prox(ABC):
     a float computed in float64, for logging the composite objective).
     """
 
-    name: str = "prox"
+    name: str = "prox"  # the key of make_prox's "name:args" strings and of options()["name"]
 
     @abstractmethod
     def apply_(self, x: torch.Tensor, step_size: float) -> torch.Tensor:
@@ -87,7 +86,18 @@ class Prox(ABC):
         return f"{type(self).__name__}({opts})"
 
 
-class L1(Prox):
+class _Strength(Prox):
+    """A regularizer ``r = lam * (a norm)`` with one strength ``lam >= 0`` (0 turns it off)."""
+
+    def __init__(self, lam: float):
+        self.lam = validate.nonneg(lam, "lam", hint="the regularization strength; 0 turns the regularizer off")
+
+    def options(self):
+        """``{"name": ..., "lam": lam}``."""
+        return {"name": self.name, "lam": self.lam}
+
+
+class L1(_Strength):
     """``r(x) = lam * ||x||_1``: soft-thresholding ``sign(v) * max(|v| - eta * lam, 0)``.
 
     Entries with ``|v| <= eta * lam`` (compared in the tensor's precision) become exactly 0, so
@@ -96,54 +106,44 @@ class L1(Prox):
 
     name = "l1"
 
-    def __init__(self, lam: float):
-        self.lam = _nonneg(lam, "lam")
-
     def apply_(self, x, step_size):
+        """``prox_{eta r}``: soft-threshold every entry of ``x`` by ``eta * lam``, in place."""
         thresh = _step(step_size) * self.lam
         with torch.no_grad():
             mag = x.abs().sub_(thresh).clamp_(min=0)
             return x.sign_().mul_(mag)
 
     def value(self, x):
+        """``r(x) = lam * sum |x_k|``."""
         return self.lam * float(_norm64(x, 1))
 
-    def options(self):
-        return {"name": self.name, "lam": self.lam}
 
-
-class L2Squared(Prox):
+class L2Squared(_Strength):
     """``r(x) = lam / 2 * ||x||^2``: ``v / (1 + eta * lam)``, i.e. decoupled weight decay
     applied as a proximal step (stable for any ``eta``). ``lam``: >= 0, e.g. 1e-4."""
 
     name = "l2"
 
-    def __init__(self, lam: float):
-        self.lam = _nonneg(lam, "lam")
-
     def apply_(self, x, step_size):
+        """``prox_{eta r}``: shrink ``x`` by ``1 + eta * lam``, in place."""
         denom = 1.0 + _step(step_size) * self.lam
         with torch.no_grad():
             return x.div_(denom)
 
     def value(self, x):
+        """``r(x) = lam / 2 * ||x||_2^2``."""
         return 0.5 * self.lam * float(_norm64(x)) ** 2
 
-    def options(self):
-        return {"name": self.name, "lam": self.lam}
 
-
-class L2Norm(Prox):
+class L2Norm(_Strength):
     """``r(x) = lam * ||x||_2`` over the whole tensor (group lasso, one group per parameter):
     ``max(1 - eta * lam / ||v||, 0) * v``. A tensor with ``||v|| <= eta * lam`` becomes exactly 0
     (the whole layer or filter is pruned); ``v = 0`` stays 0. No host synchronisation."""
 
     name = "l2norm"
 
-    def __init__(self, lam: float):
-        self.lam = _nonneg(lam, "lam")
-
     def apply_(self, x, step_size):
+        """``prox_{eta r}``: block soft-threshold the whole tensor ``x`` by ``eta * lam``, in place."""
         thresh = _step(step_size) * self.lam
         with torch.no_grad():
             norm = _norm64(x).clamp_min(torch.finfo(torch.float64).tiny)  # v = 0: 0 * finite, not 0/0
@@ -151,10 +151,8 @@ class L2Norm(Prox):
             return x.mul_(scale.to(x.dtype))
 
     def value(self, x):
+        """``r(x) = lam * ||x||_2`` (the tensor's Euclidean norm, not squared)."""
         return self.lam * float(_norm64(x))
-
-    def options(self):
-        return {"name": self.name, "lam": self.lam}
 
 
 class Box(Prox):
@@ -173,11 +171,14 @@ class Box(Prox):
         self.lo, self.hi = float(lo), float(hi)
 
     def apply_(self, x, step_size):
+        """``prox_{eta r}``: the projection onto ``[lo, hi]`` (clamp ``x`` in place; ``eta`` is
+        checked but does not matter for an indicator)."""
         _step(step_size)
         with torch.no_grad():
             return x.clamp_(min=self.lo, max=self.hi)
 
     def value(self, x):
+        """``r(x)``: 0 when every entry lies in ``[lo, hi]`` (up to ``x``'s rounding), else ``inf``."""
         # Clamping rounds the bounds to x's precision; allow that much so value(prox(v)) == 0.
         tol = torch.finfo(x.dtype).eps * max([1.0] + [abs(b) for b in (self.lo, self.hi) if math.isfinite(b)]) \
             if x.is_floating_point() else 0.0
@@ -186,6 +187,7 @@ class Box(Prox):
         return 0.0 if inside else math.inf
 
     def options(self):
+        """``{"name": "box", "lo": lo, "hi": hi}``."""
         return {"name": self.name, "lo": self.lo, "hi": self.hi}
 
 
@@ -207,6 +209,7 @@ class FunctionProx(Prox):
         self.fn, self.value_fn = fn, value_fn
 
     def apply_(self, x, step_size):
+        """``prox_{eta r}`` as ``fn(x, eta)`` computes it, written into ``x``."""
         step_size = _step(step_size)
         with torch.no_grad():
             out = self.fn(x, step_size)
@@ -219,12 +222,15 @@ class FunctionProx(Prox):
         return x
 
     def value(self, x):
+        """``r(x)`` from ``value_fn``; ``nan`` without one."""
         return float("nan") if self.value_fn is None else float(self.value_fn(x))
 
     def _fn_name(self) -> str:
         return getattr(self.fn, "__qualname__", None) or repr(self.fn)
 
     def options(self):
+        """``{"name": "function", "fn": <its qualified name>}``: for logs; ``make_prox`` cannot
+        rebuild a function from it."""
         return {"name": self.name, "fn": self._fn_name()}
 
 
