@@ -184,6 +184,7 @@ class PeerReceiver(threading.Thread):
         self.specs.put((key, nbytes, dtype, device if device is not None else self.device))
 
     def run(self) -> None:
+        """The thread: receive the posted messages one after another until stopped or failed."""
         while True:
             spec = self.specs.get()
             if spec is None:
@@ -253,6 +254,7 @@ class PeerSender(threading.Thread):
         self.works.put((work, msg))
 
     def run(self) -> None:
+        """The thread: wait on the started sends in order until stopped."""
         while True:
             item = self.works.get()
             if item is None:
