@@ -13,7 +13,7 @@
 * :mod:`.audit`: an empirical lower bound on epsilon (membership inference over repeated
   runs), :func:`audit_sketch_dp` against the hook's real message encoder.
 * :mod:`.attack`: a gradient-inversion (DLG) attack on sketched gradients, to show what
-  the noise is for.
+  the noise is for; :mod:`.lenet`: the sigmoid LeNet it attacks.
 
 The DP hook itself is :class:`commcomp.hooks.SketchDPState`.
 """

@@ -26,9 +26,10 @@ noise, whose per-coordinate standard deviation ``sigma * clip_norm`` is far abov
 clipped gradient's ``~clip_norm / sqrt(d)``. See ``examples/leakage_attack.py`` and
 ``docs/privacy.md`` for measured numbers.
 
-The attack model is :class:`LeNet`, DLG's small CNN with **sigmoid** activations: smooth,
-twice differentiable and with non-negative features, which is what DLG and iDLG rely on
-(ReLU networks are much harder to invert this way).
+The attack model is :class:`~commcomp.privacy.lenet.LeNet` (in :mod:`commcomp.privacy.lenet`,
+also importable from here), DLG's small CNN with **sigmoid** activations: smooth, twice
+differentiable and with non-negative features, which is what DLG and iDLG rely on (ReLU
+networks are much harder to invert this way).
 
 Simplification: the hook sketches each DDP bucket with its own seed; here the whole
 gradient (``model.parameters()`` order) is one bucket with one sketch. Per-bucket sketches
@@ -56,6 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import validate
+from .lenet import LeNet, make_attack_model, num_params  # noqa: F401 - the attack's model, importable from here
 from .mechanisms import clip_coefficient
 
 LOG = logging.getLogger(__name__)
@@ -64,87 +67,16 @@ PLACEMENTS = ("gradient", "sketch")
 OPTIMIZERS = ("lbfgs", "adam")
 
 
-# -- the attack model -------------------------------------------------------------------
-
-class LeNet(nn.Module):
-    """DLG's LeNet: three 5x5 convolutions (stride 2, 2, 1) and one linear layer, sigmoid
-    activations. For 1 x 28 x 28 inputs and width 12: 13,426 parameters.
-
-    Args:
-        channels: input channels (1 for MNIST).
-        image_size: input height = width.
-        num_classes: outputs.
-        width: channels of every convolution (12 in DLG).
-    """
-
-    def __init__(self, channels: int = 1, image_size: int = 28, num_classes: int = 10,
-                 width: int = 12):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
-        )
-        side = (image_size + 1) // 2
-        side = (side + 1) // 2
-        self.fc = nn.Linear(width * side * side, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x).flatten(1))
-
-
-def make_attack_model(channels: int = 1, image_size: int = 28, num_classes: int = 10,
-                      width: int = 12, seed: int = 0) -> LeNet:
-    """A :class:`LeNet` with weights drawn U(-0.5, 0.5) from a private generator (DLG's
-    initialization: an untrained model, the first step of training, is the easiest
-    target). Deterministic in ``seed``; the global RNG is left as it was."""
-    gen = torch.Generator().manual_seed(_seed(seed, "seed"))
-    with torch.random.fork_rng(devices=[]):  # nn init draws from the global RNG; restore it
-        model = LeNet(channels, image_size, num_classes, width)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(-0.5, 0.5, generator=gen)
-    return model
-
-
-def num_params(model: nn.Module) -> int:
-    """Length of the flat gradient the message is built from."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # -- validation ------------------------------------------------------------------------
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
 
 def _describe(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _seed(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2**63:
-        raise ValueError(f"commcomp: {name} must be an int in [0, 2**63), got {v!r}")
-    return int(v)
-
-
-def _nonneg(v, name: str, allow_none: bool = False) -> Optional[float]:
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"commcomp: {name} must be a finite number >= 0{extra}, got {v!r}")
-    return float(v)
-
-
 def _check_mechanism(clip_norm, noise_multiplier, noise_placement) -> tuple:
-    clip = _nonneg(clip_norm, "clip_norm", allow_none=True)
-    if clip is not None and clip == 0:
-        raise ValueError("commcomp: clip_norm must be > 0 or None (no clipping), got 0")
-    sigma = _nonneg(noise_multiplier, "noise_multiplier")
-    if noise_placement not in PLACEMENTS:
-        raise ValueError(f"commcomp: noise_placement must be one of {PLACEMENTS}, "
-                         f"got {noise_placement!r}")
+    clip = validate.positive(clip_norm, "clip_norm", allow_none=True, hint="None: no clipping")
+    sigma = validate.nonneg(noise_multiplier, "noise_multiplier")
+    validate.choice(noise_placement, "noise_placement", PLACEMENTS)
     if sigma > 0 and clip is None:
         raise ValueError(
             f"commcomp: noise_multiplier={sigma} needs clip_norm: the noise std is "
@@ -298,19 +230,16 @@ def _labels(label, batch: int, num_classes: int) -> Optional[torch.Tensor]:
 
 def _check_attack_args(input_shape, num_classes, steps, lr, optimizer, tv_weight) -> tuple:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
-    if not shape or not all(_is_int(n) and n > 0 for n in shape):
+    positive = (isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape or ())
+    if not shape or not all(positive):
         raise ValueError(f"commcomp: input_shape must be a tuple of positive ints with the batch "
                          f"first, e.g. (1, 1, 28, 28); got {input_shape!r}")
-    if not _is_int(num_classes) or num_classes < 2:
-        raise ValueError(f"commcomp: num_classes must be an int >= 2, got {num_classes!r}")
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"commcomp: steps must be an int >= 1, got {steps!r}")
-    if _nonneg(lr, "lr") == 0:
-        raise ValueError("commcomp: lr must be > 0, got 0")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"commcomp: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    tv = _nonneg(tv_weight, "tv_weight")
-    return tuple(int(n) for n in shape), int(num_classes), int(steps), float(lr), tv
+    num_classes = validate.integer(num_classes, "num_classes", low=2)
+    steps = validate.integer(steps, "steps", low=1)
+    lr = validate.positive(lr, "lr")
+    validate.choice(optimizer, "optimizer", OPTIMIZERS)
+    tv = validate.nonneg(tv_weight, "tv_weight")
+    return tuple(int(n) for n in shape), num_classes, steps, lr, tv
 
 
 def invert_gradient(model: nn.Module, observed: torch.Tensor, sketch, input_shape: Sequence[int],
@@ -353,7 +282,7 @@ def invert_gradient(model: nn.Module, observed: torch.Tensor, sketch, input_shap
     labels = _labels(label, shape[0], num_classes)
     if labels is None and shape[0] == 1:
         labels = torch.tensor([infer_label(model, target, sketch)])
-    gen = torch.Generator(device=target.device).manual_seed(_seed(seed, "seed"))
+    gen = torch.Generator(device=target.device).manual_seed(validate.seed(seed, "seed"))
     dummy = torch.randn(shape, generator=gen, device=target.device).requires_grad_(True)
     variables = [dummy]
     soft = None
