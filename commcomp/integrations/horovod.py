@@ -31,9 +31,9 @@ meant -- ``decompress`` must be linear, with the same ``ctx`` on every rank:
    (each digit sum lies in ``[-n, n]``) as long as it stays below ``2^20`` (exact float32
    integers, with room for Average's rounding): ``m`` is the largest with ``B^m <= 2^21``: 9
    codes per float32 for 2 ranks (up to 9x fewer bytes than fp32), 6 for 4, 5 for 8, 2 up to
-   723 ranks (the limit). ``decompress`` undoes Average's ``1/n``, rounds, and reads the digits
-   back. Two sentinels (each rank sends a tag ``t`` and ``rank + 1``) tell a Sum from an
-   Average and refuse Max, Min or Adasum.
+   723 ranks (the limit; the packing is :mod:`commcomp.integrations.packing`). ``decompress``
+   undoes Average's ``1/n``, rounds, and reads the digits back. Two sentinels (each rank sends
+   a tag ``t`` and ``rank + 1``) tell a Sum from an Average and refuse Max, Min or Adasum.
 
 2. **Sketch** (Song et al. 2022; :mod:`commcomp.codecs.sketch`): ``R x`` with a countsketch or
    SRHT ``R`` drawn from a seed every rank derives from ``(seed, calls)``, so every rank uses
@@ -59,22 +59,21 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
 from commcomp import ops
 from commcomp.codecs import sketch as sketches
-from commcomp.codecs.base import FLOAT_DTYPES, check_seed
-from commcomp.collectives.ternary import ring_allreduce_bytes
-from commcomp.hooks._common import mix_seed
+from commcomp.codecs.base import FLOAT_DTYPES
+from commcomp.utils import ByteCounter, mix_seed, ring_allreduce_bytes, validate
+from commcomp.utils.metrics import FP32
+
+from .packing import MAX_TERNARY_RANKS, PACK_LIMIT, codes_per_float, pack_codes, unpack_sums  # noqa: F401
 
 INSTALL_HINT = ("run `bash launch/install_horovod.sh` (builds Horovod 0.28.1 against the installed torch; "
                 "`pip install horovod` does not build against current torch)")
 SKETCH_KINDS = ("countsketch", "srht")
-PACK_LIMIT = 1 << 21  # B^m <= 2^21: packed sums stay below 2^20, exact in float32 even after 1/n and back
-MAX_TERNARY_RANKS = 723  # the most ranks with 2 codes per float32 ((2 * 723 + 1)^2 <= 2^21)
 
 
 def horovod():
@@ -103,6 +102,7 @@ class Sentinels(NamedTuple):
     world: int
 
     def values(self, rank: int) -> list:
+        """What rank ``rank`` appends: ``[tag, rank + 1]``."""
         return [self.tag, float(rank + 1)]
 
     def read(self, got: torch.Tensor, what: str) -> float:
@@ -138,28 +138,31 @@ class HorovodCompressor(abc.ABC):
     name = ""
 
     def __init__(self, seed: int = 0, min_numel: int = 1024, hvd=None, process_set=None):
-        self.seed = check_seed(seed)
-        if isinstance(min_numel, bool) or not isinstance(min_numel, numbers.Integral) or min_numel < 0:
-            raise ValueError(f"commcomp: min_numel must be an int >= 0 (smaller tensors go uncompressed), "
-                             f"got {min_numel!r}")
-        self.min_numel = int(min_numel)
+        self.seed = validate.seed(seed, "seed")
+        self.min_numel = validate.integer(min_numel, "min_numel", low=0, hint="smaller tensors go uncompressed")
         self._hvd, self.process_set = hvd, process_set
         self.calls = 0
-        self.metrics = {"bytes_sent": 0, "bytes_sent_fp32_allreduce": 0}
+        # bytes_sent: what this rank's share of the ring all-reduces sends; bytes_sent_fp32_allreduce:
+        # what fp32 all-reduces of the same tensors would have sent
+        self.metrics = ByteCounter()
 
     @property
     def hvd(self):
+        """The Horovod module (``horovod.torch`` unless one was given), imported on first use."""
         if self._hvd is None:
             self._hvd = horovod()
         return self._hvd
 
     def world(self) -> int:
+        """Ranks in the process set (or Horovod's world)."""
         return (self.process_set or self.hvd).size()
 
     def rank(self) -> int:
+        """This rank in the process set (or Horovod's world)."""
         return (self.process_set or self.hvd).rank()
 
     def options(self) -> dict:
+        """The hyper-parameters, as the constructor takes them (saved and checked in checkpoints)."""
         return {"seed": self.seed, "min_numel": self.min_numel}
 
     def __repr__(self) -> str:
@@ -194,74 +197,40 @@ class HorovodCompressor(abc.ABC):
     # -- bytes and checkpoints
     def _count(self, sent: int, fp32: int) -> None:
         world = self.world()
-        self.metrics["bytes_sent"] += ring_allreduce_bytes(sent, world)
-        self.metrics["bytes_sent_fp32_allreduce"] += ring_allreduce_bytes(fp32, world)
+        self.metrics.sent(ring_allreduce_bytes(sent, world))
+        self.metrics.add(ring_allreduce_bytes(fp32, world), FP32)
 
     def compression_ratio(self) -> float:
-        sent = self.metrics["bytes_sent"]
-        return self.metrics["bytes_sent_fp32_allreduce"] / sent if sent else float("nan")
+        """fp32 all-reduce bytes over bytes sent (nan before anything was sent)."""
+        return self.metrics.ratio()
 
     def state_dict(self) -> dict:
+        """Options (to check on load), the call counter that keys the seeds, and the byte counts."""
         return {"compressor": self.name, "options": self.options(), "calls": self.calls,
-                "metrics": dict(self.metrics)}
+                "metrics": self.metrics.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (same options required): the next call draws the seeds
+        the saved compressor would have drawn, on every rank that loads the same checkpoint."""
         if state.get("compressor") != self.name or state.get("options") != self.options():
             raise ValueError(f"commcomp: checkpoint is for {state.get('compressor')!r} with options "
                              f"{state.get('options')}, this is {self.name!r} with {self.options()}; create the "
                              "compressor with the saved options to resume")
-        self.calls = int(state["calls"])
-        self.metrics = {k: int(v) for k, v in state["metrics"].items()}
+        metrics = ByteCounter()
+        metrics.load_state_dict(state["metrics"])  # checked before anything changes
+        self.calls, self.metrics = int(state["calls"]), metrics
 
 
-# -- ternary codes, packed in balanced base 2n + 1
-
-
-def codes_per_float(world: int) -> int:
-    """How many ternary codes of ``world`` ranks one float32 carries (0 past 723 ranks)."""
-    base, m = 2 * world + 1, 0
-    while base ** (m + 1) <= PACK_LIMIT:
-        m += 1
-    return m
-
-
-def pack_codes(codes: torch.Tensor, world: int) -> torch.Tensor:
-    """int8 codes in {-1, 0, 1} -> float32 ``sum_j codes[j] * B^j`` per group of ``m`` codes."""
-    m, base = codes_per_float(world), 2 * world + 1
-    c = codes.reshape(-1).to(torch.int64)
-    c = torch.cat([c, c.new_zeros((-c.numel()) % m)]).view(-1, m)
-    powers = base ** torch.arange(m, dtype=torch.int64, device=c.device)
-    return (c * powers).sum(1).to(torch.float32)
-
-
-def unpack_sums(packed: torch.Tensor, numel: int, world: int) -> torch.Tensor:
-    """The inverse of :func:`pack_codes` for a sum of packed values (integer-valued floats):
-    the per-element code sums in ``[-world, world]``, int64 ``[numel]``."""
-    m, base = codes_per_float(world), 2 * world + 1
-    p = packed.reshape(-1).to(torch.float64).round().to(torch.int64)
-    digits = torch.empty(p.numel(), m, dtype=torch.int64, device=p.device)
-    for j in range(m):  # balanced digits: d = ((p + n) mod B) - n, then p = (p - d) / B exactly
-        d = torch.remainder(p + world, base) - world
-        digits[:, j] = d
-        p = torch.div(p - d, base, rounding_mode="floor")
-    return digits.reshape(-1)[:numel]
+# -- ternary codes, packed in balanced base 2n + 1 (commcomp.integrations.packing)
 
 
 class TernaryCtx(NamedTuple):
+    """What :meth:`TernaryCompressor.decompress` needs besides the reduced tensor."""
+
     shape: torch.Size
     dtype: torch.dtype
     scale: float  # shared by every rank; NaN when some rank's tensor was not finite
     sentinels: Sentinels
-
-
-def _check_clip(clip_factor) -> Optional[float]:
-    if clip_factor is None:
-        return None
-    if isinstance(clip_factor, bool) or not isinstance(clip_factor, numbers.Real) or not (
-            math.isfinite(clip_factor) and clip_factor > 0):
-        raise ValueError(f"commcomp: clip_factor must be None (scale = max |x|) or a finite number > 0 "
-                         f"(TernGrad uses 2.5), got {clip_factor!r}")
-    return float(clip_factor)
 
 
 class TernaryCompressor(HorovodCompressor):
@@ -283,9 +252,11 @@ class TernaryCompressor(HorovodCompressor):
     def __init__(self, clip_factor: Optional[float] = None, seed: int = 0, min_numel: int = 1024,
                  hvd=None, process_set=None):
         super().__init__(seed, min_numel, hvd, process_set)
-        self.clip_factor = _check_clip(clip_factor)
+        self.clip_factor = validate.positive(clip_factor, "clip_factor", allow_none=True,
+                                             hint="None: scale = max |x|; TernGrad uses 2.5")
 
     def options(self) -> dict:
+        """The base options and ``clip_factor``."""
         return dict(super().options(), clip_factor=self.clip_factor)
 
     def _shared_scale(self, x: torch.Tensor, call: int) -> float:
@@ -343,6 +314,8 @@ class TernaryCompressor(HorovodCompressor):
 
 
 class SketchCtx(NamedTuple):
+    """What :meth:`SketchCompressor.decompress` needs besides the reduced tensor (``R`` itself)."""
+
     sketch: sketches.Sketch
     shape: torch.Size
     dtype: torch.dtype
@@ -370,14 +343,12 @@ class SketchCompressor(HorovodCompressor):
                  min_numel: int = 1024, check: bool = True, hvd=None, process_set=None):
         super().__init__(seed, min_numel, hvd, process_set)
         self.ratio = sketches.check_ratio(ratio)
-        if kind not in SKETCH_KINDS:
-            raise ValueError(f"commcomp: kind must be one of {SKETCH_KINDS}, got {kind!r}")
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1
-                                  or block & (block - 1)):
-            raise ValueError(f"commcomp: block must be a power of two or None, got {block!r}")
-        self.kind, self.block, self.check = kind, block, bool(check)
+        self.kind = validate.choice(kind, "kind", SKETCH_KINDS)
+        self.block = validate.power_of_two(block, "block", allow_none=True)
+        self.check = bool(check)
 
     def options(self) -> dict:
+        """The base options and ``ratio``, ``kind``, ``block``."""
         return dict(super().options(), ratio=self.ratio, kind=self.kind, block=self.block)
 
     def sketch_for(self, numel: int, call: int) -> sketches.Sketch:
