@@ -31,6 +31,7 @@ import time
 import torch
 from packaging.version import Version
 
+from ..utils import ring_allreduce_bytes
 from . import model as pm
 
 CONFIGS = [("none", {}), ("fp16", {}), ("terngrad", {"collective": "int8"}),
@@ -96,76 +97,96 @@ def _hook_overhead(hook, opts, base, size, compute_step, steps) -> float:
     return statistics.median(diffs)
 
 
+def _measure_size(size: int, world: int, steps: int, latency: float, with_link: bool) -> dict:
+    """At one model size: its parameter count ``n``, the compute-only step, each hook's
+    overhead over it (by calibration key) and, with ``with_link``, the loopback bandwidth from
+    an all-reduce of the model's size."""
+    torch.manual_seed(0)
+    base = _mlp(size)
+    n = sum(p.numel() for p in base.parameters())
+    bandwidth = None
+    if with_link:
+        big = _allreduce_s(n, steps)
+        bandwidth = ring_allreduce_bytes(4 * n, world) / max(big - 2 * (world - 1) * latency, 1e-9)
+    width = base[0].in_features
+    x, y = torch.randn(32, width), torch.randn(32, width)
+
+    def compute_step(m):
+        m.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+
+    compute = _median_step(lambda: compute_step(base), 2, steps)
+    overheads = {}
+    for hook, opts in CONFIGS:
+        key = pm.cpu_key(hook, opts.get("collective", ""))
+        overheads[key] = _hook_overhead(hook, opts, base, size, compute_step, steps)
+    return {"n": n, "compute": compute, "overheads": overheads, "bandwidth": bandwidth}
+
+
+def _cpu_costs(hook: str, opts: dict, sizes: list, world: int, link: dict) -> tuple:
+    """(seconds per pass-element, fixed seconds per step) of one hook from its overheads at two
+    model sizes: each overhead less the wire time the model predicts on this link is CPU time,
+    and two sizes split it into a part per pass-element and a fixed part."""
+    key = pm.cpu_key(hook, opts.get("collective", ""))
+    bandwidth, latency = link["bandwidth_bytes_per_s"], link["latency_s"]
+    own, passes = [], 0.0
+    for m in sizes:
+        sc = pm.Scenario(params=m["n"], world=world, bandwidth_bytes_per_s=bandwidth, compute_s=m["compute"],
+                         latency_s=latency, bucket_bytes=25 * 2**20)
+        nbytes, msgs, passes = pm.traffic(hook, sc, **opts)
+        wire = msgs * latency + nbytes / bandwidth
+        hidden = min(wire, 2.0 / 3.0 * m["compute"]) if hook != "gradient_tracking" else 0.0
+        own.append(max(m["overheads"][key] - (wire - hidden), 0.0))
+    (n1, n2), (c1, c2) = [m["n"] for m in sizes], own
+    slope = (c2 - c1) / (passes * (n2 - n1)) if passes and n2 > n1 else 0.0
+    if slope <= 0:  # noise swamped the difference: all of it per element
+        return (c2 / (passes * n2) if passes else 0.0), 0.0
+    return slope, max(c2 - slope * passes * n2, 0.0)
+
+
+def _measure(world: int, params: int, steps: int) -> dict:
+    """This rank's measurements: the link, the compute step and each hook's CPU costs."""
+    latency = _allreduce_s(1024, steps) / (2 * (world - 1))
+    sizes = [_measure_size(size, world, steps, latency, with_link=size == params)
+             for size in (max(1000, params // 4), params)]
+    link = {"bandwidth_bytes_per_s": sizes[-1]["bandwidth"], "latency_s": latency}
+    spe, fixed = {}, {}
+    for hook, opts in CONFIGS:
+        key = pm.cpu_key(hook, opts.get("collective", ""))
+        spe[key], fixed[key] = _cpu_costs(hook, opts, sizes, world, link)
+    return {"spe": spe, "fixed": fixed, "overheads": sizes[-1]["overheads"], "link": link,
+            "compute": sizes[-1]["compute"], "n": sizes[-1]["n"]}
+
+
+def _combine(gathered: list, world: int) -> dict:
+    """The calibration from every rank's measurements: the slowest rank sets the step, so keep
+    the largest cost (and the slowest link) of each."""
+    keys = gathered[0]["spe"]
+    return {
+        "source": f"commcomp calibrate on {os.uname().nodename}, {time.strftime('%Y-%m-%d %H:%M')}",
+        "torch": torch.__version__, "ranks_per_host": world, "params": gathered[0]["n"],
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "compute_s": max(g["compute"] for g in gathered),
+        "link": {"bandwidth_bytes_per_s": min(g["link"]["bandwidth_bytes_per_s"] for g in gathered),
+                 "latency_s": max(g["link"]["latency_s"] for g in gathered)},
+        "seconds_per_pass_element": {k: max(g["spe"][k] for g in gathered) for k in keys},
+        "fixed_s": {k: max(g["fixed"][k] for g in gathered) for k in keys},
+        "overhead_s": {k: max(g["overheads"][k] for g in gathered) for k in keys},
+    }
+
+
 def _rank(rank: int, world: int, init_file: str, params: int, steps: int, out: str) -> None:
+    """One spawned rank: measure, gather every rank's measurements, rank 0 writes ``out``."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    small = _allreduce_s(1024, steps)
-    latency = small / (2 * (world - 1))
-    sizes = [max(1000, params // 4), params]
-    cpu, counts, computes = {}, [], []
-    for size in sizes:
-        torch.manual_seed(0)
-        base = _mlp(size)
-        n = sum(p.numel() for p in base.parameters())
-        counts.append(n)
-        width = base[0].in_features
-        x, y = torch.randn(32, width), torch.randn(32, width)
-        if size == params:
-            big = _allreduce_s(n, steps)
-            bandwidth = pm._ring_bytes(4 * n, world) / max(big - 2 * (world - 1) * latency, 1e-9)
-
-        def compute_step(m):
-            m.zero_grad()
-            ((m(x) - y) ** 2).mean().backward()
-
-        computes.append(_median_step(lambda: compute_step(base), 2, steps))
-        for hook, opts in CONFIGS:
-            key = pm._cpu_key(hook, opts.get("collective", ""))
-            cpu.setdefault(key, []).append(_hook_overhead(hook, opts, base, size, compute_step, steps))
-    link = {"bandwidth_bytes_per_s": bandwidth, "latency_s": latency}
-    # Each hook's overhead minus its wire time on this link is its CPU time; two model sizes
-    # split it into a fixed part per step and a part per pass-element.
-    spe, fixed, overheads = {}, {}, {}
-    for hook, opts in CONFIGS:
-        key = pm._cpu_key(hook, opts.get("collective", ""))
-        own = []
-        for n, compute, overhead in zip(counts, computes, cpu[key]):
-            sc = pm.Scenario(params=n, world=world, bandwidth_bytes_per_s=bandwidth, compute_s=compute,
-                             latency_s=latency, bucket_bytes=25 * 2**20)
-            nbytes, msgs, passes = pm.traffic(hook, sc, **opts)
-            wire = msgs * latency + nbytes / bandwidth
-            hidden = min(wire, 2.0 / 3.0 * compute) if hook != "gradient_tracking" else 0.0
-            own.append(max(overhead - (wire - hidden), 0.0))
-        overheads[key] = cpu[key][-1]
-        (n1, n2), (c1, c2) = counts, own
-        slope = (c2 - c1) / (passes * (n2 - n1)) if passes and n2 > n1 else 0.0
-        if slope <= 0:  # noise swamped the difference: all of it per element
-            slope, base_s = (c2 / (passes * n2) if passes else 0.0), 0.0
-        else:
-            base_s = max(c2 - slope * passes * n2, 0.0)
-        spe[key], fixed[key] = slope, base_s
-    compute, n = computes[-1], counts[-1]
-    # every rank measured; the slowest rank sets the step, so keep the largest of each
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"spe": spe, "fixed": fixed, "overheads": overheads, "link": link,
-                                      "compute": compute})
+    dist.all_gather_object(gathered, _measure(world, params, steps))
     if rank == 0:
-        result = {
-            "source": f"commcomp calibrate on {os.uname().nodename}, {time.strftime('%Y-%m-%d %H:%M')}",
-            "torch": torch.__version__, "ranks_per_host": world, "params": n,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "compute_s": max(g["compute"] for g in gathered),
-            "link": {"bandwidth_bytes_per_s": min(g["link"]["bandwidth_bytes_per_s"] for g in gathered),
-                     "latency_s": max(g["link"]["latency_s"] for g in gathered)},
-            "seconds_per_pass_element": {k: max(g["spe"][k] for g in gathered) for k in spe},
-            "fixed_s": {k: max(g["fixed"][k] for g in gathered) for k in fixed},
-            "overhead_s": {k: max(g["overheads"][k] for g in gathered) for k in overheads},
-        }
         with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(_combine(gathered, world), f, indent=1)
     # torch < 2.8 can deadlock destroying a gloo group (pytorch/pytorch#154976); os._exit ends it
     if Version(torch.__version__).release >= (2, 8):
         dist.destroy_process_group()
