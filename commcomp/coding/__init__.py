@@ -9,7 +9,8 @@ coordinator, sequential gradient coding, straggler models and a simulator.
   by the ``"gradient_coding"`` DDP hook;
 * :mod:`~commcomp.coding.transport` -- how coded gradients travel: point-to-point messages over
   torch.distributed or MPI, their wire format, and the per-peer threads;
-* :mod:`~commcomp.coding.sequential` -- SR-SGC and M-SGC (Krishnan et al. 2023);
+* :mod:`~commcomp.coding.sequential` -- SR-SGC and M-SGC (Krishnan et al. 2023), with their
+  per-round task schedules in :mod:`~commcomp.coding.schedules`;
 * :mod:`~commcomp.coding.stragglers`, :mod:`~commcomp.coding.simulate` -- straggler models
   (incl. replay of real AWS Lambda traces) and the round-level simulator behind
   ``commcomp stragglers simulate``.
