@@ -48,25 +48,17 @@ import hashlib
 import operator
 import threading
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
-import numpy as np
 import torch
+
+from .decoding import RESIDUAL_TOLERANCE, decode_vector, decoding_residual, survivor_key  # noqa: F401
+from .decoding import as_int as _as_int  # the name coding.data imports from here
 
 __all__ = ["GradientCode", "CODES", "cyclic_repetition_code", "fractional_repetition_code",
            "decode_vector", "make_code"]
 
 DECODE_CACHE_SIZE = 4096
-RESIDUAL_TOLERANCE = 1e-9  # relative to the size of the terms summed, see decode_vector
-
-
-def _as_int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
 def _check_n_s(n, s) -> Tuple[int, int]:
@@ -126,29 +118,13 @@ class GradientCode:
     def __setattr__(self, key, value):
         raise AttributeError(f"GradientCode is read-only (tried to set {key!r}); build a new code instead")
 
-    # -- description
-    @property
-    def n(self) -> int:
-        """Number of workers, and of data partitions per step."""
-        return self._n
-
-    @property
-    def s(self) -> int:
-        """Stragglers tolerated: any ``n - s`` workers decode."""
-        return self._s
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def seed(self) -> int:
-        return self._seed
-
-    @property
-    def B(self) -> torch.Tensor:
-        """The float64 ``n x n`` coefficient matrix (row ``i``: worker ``i``). Do not modify it."""
-        return self._B
+    # -- description (read-only views of what the constructor stored)
+    n = property(operator.attrgetter("_n"), doc="Number of workers, and of data partitions per step.")
+    s = property(operator.attrgetter("_s"), doc="Stragglers tolerated: any ``n - s`` workers decode.")
+    name = property(operator.attrgetter("_name"), doc="The construction: cyclic, fractional or custom.")
+    seed = property(operator.attrgetter("_seed"), doc="The seed that drew ``B`` (recorded only).")
+    B = property(operator.attrgetter("_B"),
+                 doc="The float64 ``n x n`` encoding matrix (row ``i``: worker ``i``). Do not modify it.")
 
     def partitions(self, worker: int) -> List[int]:
         """The ``s + 1`` partitions ``worker`` holds, sorted (support of row ``worker``)."""
@@ -182,7 +158,7 @@ class GradientCode:
         order. Results are cached per survivor set (the same tensor comes back on a hit; do
         not modify it in place).
         """
-        key = _survivor_key(survivors, self._n, self._s)
+        key = survivor_key(survivors, self._n, self._s)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -203,7 +179,7 @@ class GradientCode:
         codes, often 1e2..1e5 for random cyclic codes with n in the tens, so decode cyclic
         codes in float64."""
         a = self.decode(survivors).numpy()
-        return _residual(self._B.numpy(), a)[1]
+        return decoding_residual(self._B.numpy(), a)[1]
 
     def cache_len(self) -> int:
         """How many survivor sets are cached now."""
@@ -239,116 +215,6 @@ class GradientCode:
 
     def __repr__(self) -> str:
         return f"GradientCode(name={self._name!r}, n={self._n}, s={self._s}, seed={self._seed})"
-
-
-def _show(ranks, limit: int = 16) -> str:
-    ranks = list(ranks)
-    return str(ranks) if len(ranks) <= limit else f"{ranks[:limit]} ... ({len(ranks)} ranks)"
-
-
-def _survivor_key(survivors: Iterable[int], n: int, s: int) -> Tuple[int, ...]:
-    """Validated, sorted survivor tuple (the cache key)."""
-    if isinstance(survivors, torch.Tensor):
-        survivors = survivors.flatten().tolist()
-    try:
-        given = [_as_int(r, "each survivor") for r in survivors]
-    except TypeError:
-        raise ValueError(f"survivors must be an iterable of worker ranks, got {survivors!r}") from None
-    key = tuple(sorted(set(given)))
-    if len(key) != len(given):
-        dups = sorted({r for r in given if given.count(r) > 1})
-        raise ValueError(f"survivors must be distinct ranks; {dups} appear more than once in {given}")
-    out = [r for r in key if not 0 <= r < n]
-    if out:
-        raise ValueError(f"survivors must be ranks in 0..{n - 1} (n={n} workers); got out-of-range {out}")
-    if len(key) < n - s:
-        raise ValueError(
-            f"decoding needs at least n-s={n - s} survivors (n={n} workers, s={s} stragglers "
-            f"tolerated), got {len(key)}: {_show(key)}; wait for more workers"
-        )
-    return key
-
-
-def _exact_cover(B: np.ndarray, survivors: Tuple[int, ...]) -> Optional[np.ndarray]:
-    """0/1 decoding when some survivors' rows are all-ones on disjoint supports that cover
-    every partition (fractional repetition and identity codes): one survivor per group."""
-    rows = B[list(survivors)]
-    nonzero = rows != 0
-    ones = ((rows == 1) | ~nonzero).all(axis=1)  # rows whose non-zeros are all 1
-    if not ones.any():
-        return None
-    covered = np.zeros(B.shape[0], dtype=bool)
-    a = np.zeros(B.shape[0])
-    for k in np.flatnonzero(ones):
-        if not (covered & nonzero[k]).any():
-            covered |= nonzero[k]
-            a[survivors[k]] = 1.0
-    return a if covered.all() else None
-
-
-def _residual(B: np.ndarray, a: np.ndarray) -> Tuple[float, float]:
-    """(max_j |(a^T B)_j - 1|, max(1, max_j sum_i |a_i B[i, j]|))."""
-    terms = a[:, None] * B
-    return float(np.abs(terms.sum(axis=0) - 1).max()), max(1.0, float(np.abs(terms).sum(axis=0).max()))
-
-
-def _least_squares(B: np.ndarray, rows: List[int]) -> np.ndarray:
-    """Minimum-norm a_S with B_S^T a_S ~= 1, refined once if the residual is above tolerance."""
-    n = B.shape[0]
-    A = B[rows].T  # n x |S|
-    ones = np.ones(n)
-    sol = np.linalg.lstsq(A, ones, rcond=None)[0]
-    a = np.zeros(n)
-    a[rows] = sol
-    residual, scale = _residual(B, a)
-    if residual > RESIDUAL_TOLERANCE * scale:
-        # Iterative refinement: solve again for the float64 residual, which recovers digits
-        # lost to an ill-conditioned survivor set.
-        a[rows] = sol + np.linalg.lstsq(A, ones - A @ sol, rcond=None)[0]
-    return a
-
-
-def decode_vector(B: torch.Tensor, survivors: Iterable[int], s: Optional[int] = None) -> torch.Tensor:
-    """A float64 vector ``a`` of length ``n``, zero outside ``survivors``, with
-    ``sum_{i in survivors} a_i B[i, :] = 1^T``.
-
-    1. If some survivors' rows are 0/1 with disjoint supports covering all partitions (as in
-       fractional repetition codes: the first survivor of each group), ``a`` is their 0/1
-       indicator -- exact, no arithmetic.
-    2. Otherwise ``a_S`` is the minimum-norm least-squares solution of ``B_S^T a_S = 1``
-       (float64, SVD-based, all survivors used: extra survivors only improve conditioning),
-       refined once if its residual is too large.
-    3. The residual ``max_j |(a^T B)_j - 1|`` must be at most ``1e-9 * scale``, with
-       ``scale = max(1, max_j sum_i |a_i B[i, j]|)`` (the size of the terms summed);
-       otherwise ``ValueError`` -- the survivors' rows do not span ``1^T`` for this ``B``.
-
-    Args:
-        B: the ``n x n`` code matrix.
-        survivors: any iterable of distinct ranks in ``0..n-1``.
-        s: stragglers tolerated; at least ``n - s`` survivors are required. ``None`` reads it
-           off ``B`` (largest row support minus one).
-    """
-    B = torch.as_tensor(B, dtype=torch.float64, device="cpu").detach()
-    if B.dim() != 2 or B.shape[0] != B.shape[1]:
-        raise ValueError(f"B must be a square n x n matrix, got shape {tuple(B.shape)}")
-    n = B.shape[0]
-    if s is None:
-        s = int((B != 0).sum(dim=1).max()) - 1
-    key = _survivor_key(survivors, n, s)
-    # NumPy for the arithmetic: these arrays are tiny, and torch's intra-op thread pool costs
-    # more than the work on a busy host.
-    Bn = B.numpy()
-    a = _exact_cover(Bn, key)
-    if a is None:
-        a = _least_squares(Bn, list(key))
-    residual, scale = _residual(Bn, a)
-    if not residual <= RESIDUAL_TOLERANCE * scale:
-        raise ValueError(
-            f"survivors {_show(key)} cannot decode this code: the best combination of their rows "
-            f"misses 1^T by {residual:.3g} (allowed {RESIDUAL_TOLERANCE:g} * {scale:.3g}); the code "
-            "is not an s-straggler gradient code for this set (or is numerically ill-conditioned)"
-        )
-    return torch.from_numpy(a)
 
 
 def cyclic_repetition_code(n: int, s: int, seed: int = 0) -> GradientCode:
