@@ -11,35 +11,11 @@ that rate as a fraction of the copy's rate, and native's speed-up over the refer
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-
 import torch
 
-import commcomp
-from ._util import device_label, parse_devices
 from commcomp.ops import reference
 
-
-def timer(device: torch.device, fn, repeat: int) -> float:
-    """Median seconds of fn() over `repeat` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from ._util import parser, run_devices, timer  # noqa: F401 - timer was importable from here
 
 
 def cases(n: int, world: int, device: torch.device):
@@ -98,33 +74,20 @@ def run(device: torch.device, n: int, world: int, repeat: int, ref_repeat: int):
     return {"device": str(device), "numel": n, "copy_GBps": copy_gbs, "rows": rows}
 
 
+# title (device, options, result), column header, one row per op
+_TABLE = """
+{dev} ({name}), numel={numel:,}, torch {torch}: copy {copy_GBps:.1f} GB/s (read+write)
+op                                        bytes  native ms     GB/s  x copy    ref ms native/ref
+{op:34s} {bytes:>12,d} {native_ms:10.3f} {native_GBps:8.2f} {frac_of_copy:7.2f} {reference_ms:9.2f} \
+{speedup_vs_reference:9.1f}x
+"""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="commcomp bench codec", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--numel", type=int, default=1 << 22)
+    p = parser("commcomp bench codec", __doc__, numel=1 << 22)
     p.add_argument("--world", type=int, default=8, help="payloads summed by unpack_accumulate")
-    p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--ref-repeat", type=int, default=3)
-    p.add_argument("--devices", default="auto", help="comma list, e.g. cpu,cuda")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    results = []
-    for dev in parse_devices(args.devices):
-        if commcomp.ops.backend(dev) != "native":
-            print(f"# {dev}: native kernels not built; native and reference would be the same code")
-        res = run(dev, args.numel, args.world, args.repeat, args.ref_repeat)
-        results.append(res)
-        name = device_label(dev)
-        print(f"\n{dev} ({name}), numel={args.numel:,}, torch {torch.__version__}: "
-              f"copy {res['copy_GBps']:.1f} GB/s (read+write)")
-        print(f"{'op':34s} {'bytes':>12s} {'native ms':>10s} {'GB/s':>8s} {'x copy':>7s} {'ref ms':>9s} "
-              f"{'native/ref':>10s}")
-        for r in res["rows"]:
-            print(f"{r['op']:34s} {r['bytes']:>12,d} {r['native_ms']:10.3f} {r['native_GBps']:8.2f} "
-                  f"{r['frac_of_copy']:7.2f} {r['reference_ms']:9.2f} {r['speedup_vs_reference']:9.1f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    run_devices(p, argv, lambda a, dev: run(dev, a.numel, a.world, a.repeat, a.ref_repeat), _TABLE)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ reads or writes the full vector and allocates), and native's speed-up over the r
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
-from codec import timer  # same directory: the median-of-runs timer of the codec benchmark
 
 import commcomp
-from ._util import device_label, parse_devices
 from commcomp.ops import reference
+
+from ._util import parser, run_devices, timer
 
 
 def once(device: torch.device, fn) -> float:
@@ -74,34 +72,20 @@ def run(device: torch.device, n: int, ratios, repeat: int, with_reference: bool)
             "copy_GBps": 8 * n / clone_s / 1e9, "rows": rows}
 
 
+# title (device, options, result), column header, one row per sketch and direction
+_TABLE = """
+{dev} ({name}), d={numel:,}, torch {torch}: x.clone() {clone_ms:.2f} ms = {copy_GBps:.1f} GB/s (read+write)
+sketch       direction   s/d          s  native ms    GB/s  x copy    ref ms native/ref
+{sketch:12s} {direction:9s} {ratio:5g} {sketch_size:>10,d} {native_ms:10.3f} {GBps:7.2f} {frac_of_copy:7.3f} \
+{reference_ms:9.1f} {speedup_vs_reference:9.1f}x
+"""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="commcomp bench sketch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--numel", type=int, default=1 << 24)
+    p = parser("commcomp bench sketch", __doc__, numel=1 << 24)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.01])
-    p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
-    p.add_argument("--devices", default="auto", help="comma list, e.g. cpu,cuda")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    results = []
-    for dev in parse_devices(args.devices):
-        if commcomp.ops.backend(dev) != "native":
-            print(f"# {dev}: native kernels not built; native and reference would be the same code")
-        res = run(dev, args.numel, args.ratios, args.repeat, not args.no_reference)
-        results.append(res)
-        name = device_label(dev)
-        print(f"\n{dev} ({name}), d={args.numel:,}, torch {torch.__version__}: "
-              f"x.clone() {res['clone_ms']:.2f} ms = {res['copy_GBps']:.1f} GB/s (read+write)")
-        print(f"{'sketch':12s} {'direction':9s} {'s/d':>5s} {'s':>10s} {'native ms':>10s} "
-              f"{'GB/s':>7s} {'x copy':>7s} {'ref ms':>9s} {'native/ref':>10s}")
-        for r in res["rows"]:
-            print(f"{r['sketch']:12s} {r['direction']:9s} {r['ratio']:5g} {r['sketch_size']:>10,d} "
-                  f"{r['native_ms']:10.3f} {r['GBps']:7.2f} {r['frac_of_copy']:7.3f} "
-                  f"{r['reference_ms']:9.1f} {r['speedup_vs_reference']:9.1f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    run_devices(p, argv, lambda a, dev: run(dev, a.numel, a.ratios, a.repeat, not a.no_reference), _TABLE)
 
 
 if __name__ == "__main__":
