@@ -263,40 +263,36 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
 # ----------------------------------------------------------------------------- empty batches
 
-def _to_empty(x):
-    """The empty-batch version of a one-sample collated batch (batch dimension first)."""
+def _map_batch(x, on_tensor, on_leaves=None):
+    """``x`` (a collated batch: tensors in mappings, lists, tuples, namedtuples) rebuilt with
+    ``on_tensor`` applied to each tensor; ``on_leaves`` (if given) replaces a list or tuple that
+    holds no tensor or container (per-sample leaves such as strings)."""
     if isinstance(x, torch.Tensor):
-        return x.new_empty((0, *x.shape[1:]))
+        return on_tensor(x)
     if isinstance(x, Mapping):
         try:
-            return type(x)({k: _to_empty(v) for k, v in x.items()})
+            return type(x)({k: _map_batch(v, on_tensor, on_leaves) for k, v in x.items()})
         except TypeError:
-            return {k: _to_empty(v) for k, v in x.items()}
+            return {k: _map_batch(v, on_tensor, on_leaves) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        if not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in x):
-            return type(x)() if type(x) in (list, tuple) else []  # per-sample leaves (strings, ...)
-        items = [_to_empty(v) for v in x]
+        if on_leaves is not None and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in x):
+            return on_leaves(x)
+        items = [_map_batch(v, on_tensor, on_leaves) for v in x]
         if hasattr(x, "_fields"):  # namedtuple
             return type(x)(*items)
         return type(x)(items) if type(x) in (list, tuple) else items
     return x  # a non-batched leaf from a custom collate_fn: kept as is
 
 
+def _to_empty(x):
+    """The empty-batch version of a one-sample collated batch (batch dimension first)."""
+    return _map_batch(x, lambda t: t.new_empty((0, *t.shape[1:])),
+                      on_leaves=lambda leaves: type(leaves)() if type(leaves) in (list, tuple) else [])
+
+
 def _fresh(x):
     """A new copy of the template, so callers may mutate what they get."""
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, Mapping):
-        try:
-            return type(x)({k: _fresh(v) for k, v in x.items()})
-        except TypeError:
-            return {k: _fresh(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        items = [_fresh(v) for v in x]
-        if hasattr(x, "_fields"):
-            return type(x)(*items)
-        return type(x)(items) if type(x) in (list, tuple) else items
-    return x
+    return _map_batch(x, torch.Tensor.clone)
 
 
 class _CollateWithEmpty:
