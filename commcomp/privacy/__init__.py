@@ -4,7 +4,7 @@
 * :mod:`.accounting`: :func:`epsilon`, :func:`noise_for_epsilon`, :class:`PrivacyLedger`
   (add/remove or replace adjacency; Poisson sampling; one event per released step).
 * :mod:`.csprng`: :class:`SecureGenerator`, ChaCha20 with a 256-bit key turned into
-  Gaussians (the noise an eavesdropper cannot regenerate).
+  Gaussians (the noise an eavesdropper cannot regenerate); the cipher is :mod:`.chacha20`.
 * :mod:`.mechanisms`: :class:`NoiseSource`, :func:`clip_per_sample_` (record level, on top
   of Opacus' ``GradSampleModule``; the hook's own :meth:`SketchDPState.clip_per_sample_`
   is what its ``reduce_`` accepts).

@@ -62,43 +62,41 @@ per pair of outputs: the 4 (radius, angle) pairs of block ``j`` give outputs ``2
 cosines) and ``2j + 1`` (the 4 sines). Every output thus sums normals from 4 *different*
 Box-Muller pairs.
 
-Only ``torch``, the standard library and the ``cryptography`` package are imported (no
-``commcomp.hooks``: this module sits below them).
+The cipher itself is :mod:`commcomp.privacy.chacha20`. Only ``torch``, the standard library
+and the ``cryptography`` package are imported (no ``commcomp.hooks``: this module sits below
+them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import os
 import secrets
-import struct
-import sys
 import threading
-import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-try:  # the maintained binding to OpenSSL's ChaCha20 (pip install "cryptography>=41")
-    from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
-    from cryptography.hazmat.primitives.ciphers import algorithms as _algorithms
-except ImportError:  # pragma: no cover - exercised by monkeypatching _CRYPTOGRAPHY_OK
-    _Cipher = None
-    _algorithms = None
+from .chacha20 import (  # noqa: F401 - chacha20_keystream, cryptography_available were importable from here
+    BLOCK_BYTES,
+    DeviceLike,
+    chacha20_keystream,
+    chacha20_words,
+    check_backend,
+    check_count,
+    check_key,
+    cryptography_available,
+    openssl_keystream_into,
+    use_cryptography,
+    words_to_mantissas,
+)
 
 __all__ = ["SecureGenerator", "chacha20_keystream", "cryptography_available"]
 
-DeviceLike = Union[str, torch.device, int]
-
-# --- ChaCha20 constants (RFC 8439 sec. 2.3) -------------------------------------------------
-_SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
-_MASK32 = 0xFFFFFFFF
 _MASK53 = (1 << 53) - 1
 _TWO_M53 = 2.0 ** -53
-_BLOCK = 64  # bytes per ChaCha20 block = 8 uniform 64-bit words
-_WORDS = _BLOCK // 8
+_WORDS = BLOCK_BYTES // 8  # uniform 64-bit words per block
 
 # A 32-bit block counter covers 2^32 blocks per nonce; a draw that needs more moves on to the
 # next nonce segment (tests lower this to exercise the switch).
@@ -120,193 +118,6 @@ _SUMMANDS = 4
 _CPU_PIECE_BLOCKS = 1 << 14  # OpenSSL path: 1 MiB of keystream, 32,768 outputs
 _TWIN_CPU_PIECE_BLOCKS = 1 << 16
 _DEVICE_PIECE_BLOCKS = 1 << 20
-
-# cryptography reads the keystream out of "encrypting" zeros: one shared read-only buffer.
-_ZEROS = bytes(_CPU_PIECE_BLOCKS * _BLOCK)
-
-# torch.frombuffer reads native-endian int64; ChaCha20's words are little endian.
-_CRYPTOGRAPHY_OK = _Cipher is not None and sys.byteorder == "little"
-_fallback_warned = False
-
-
-def cryptography_available() -> bool:
-    """Whether CPU keystreams come from the ``cryptography`` package (OpenSSL)."""
-    return _CRYPTOGRAPHY_OK
-
-
-def _warn_fallback_once() -> None:
-    global _fallback_warned
-    if not _fallback_warned:
-        _fallback_warned = True
-        why = ("the 'cryptography' package is not installed" if _Cipher is None
-               else f"this machine is {sys.byteorder}-endian")
-        warnings.warn(
-            f"commcomp.privacy.csprng: {why}, so ChaCha20 on CPU runs on the pure-PyTorch twin "
-            "(the same keystream, about 10x slower); pip install 'cryptography>=41' for "
-            "OpenSSL's.",
-            RuntimeWarning, stacklevel=3)
-
-
-# --- validation -----------------------------------------------------------------------------
-def _check_key(key) -> bytes:
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise TypeError(f"commcomp: key must be 32 bytes, got {type(key).__name__}; pass None to "
-                        "draw a fresh one from secrets.token_bytes(32)")
-    key = bytes(key)
-    if len(key) != 32:
-        raise ValueError(f"commcomp: ChaCha20 takes a 256-bit key (32 bytes), got {len(key)} "
-                         "bytes; pass None to draw one from secrets.token_bytes(32)")
-    return key
-
-
-def _check_count(n, what: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"commcomp: {what} must be an int >= 0, got {type(n).__name__} {n!r}"
-                            + (f"; use int({n!r})" if isinstance(n, float) else "")) from None
-    if n < 0:
-        raise ValueError(f"commcomp: {what} must be >= 0, got {n}")
-    return int(n)
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in ("auto", "cryptography", "torch"):
-        raise ValueError("commcomp: backend must be 'auto', 'cryptography' or 'torch', "
-                         f"got {backend!r}")
-    if backend == "cryptography" and not _CRYPTOGRAPHY_OK:
-        raise ImportError("commcomp: backend='cryptography' needs the 'cryptography' package on "
-                          "a little-endian machine; pip install 'cryptography>=41', or use "
-                          "backend='auto'")
-    return backend
-
-
-def _use_cryptography(backend: str, device: torch.device) -> bool:
-    if device.type != "cpu" or backend == "torch":
-        return False
-    if _CRYPTOGRAPHY_OK:
-        return True
-    _warn_fallback_once()
-    return False
-
-
-# --- the pure-PyTorch twin ------------------------------------------------------------------
-def _rotl_(v: torch.Tensor, n: int) -> torch.Tensor:
-    """In place: rotate the 32-bit values held in an int64 tensor left by ``n``."""
-    low = v >> (32 - n)
-    return v.bitwise_left_shift_(n).bitwise_and_(_MASK32).bitwise_or_(low)
-
-
-def _quarter_round_(a, b, c, d) -> None:
-    """RFC 8439 sec. 2.1 on 4 columns at once: each argument is [4, blocks], int64 < 2^32."""
-    a.add_(b).bitwise_and_(_MASK32); d.bitwise_xor_(a); _rotl_(d, 16)  # noqa: E702
-    c.add_(d).bitwise_and_(_MASK32); b.bitwise_xor_(c); _rotl_(b, 12)  # noqa: E702
-    a.add_(b).bitwise_and_(_MASK32); d.bitwise_xor_(a); _rotl_(d, 8)  # noqa: E702
-    c.add_(d).bitwise_and_(_MASK32); b.bitwise_xor_(c); _rotl_(b, 7)  # noqa: E702
-
-
-def _chacha20_words_torch(key: bytes, nonce: bytes, counter: int, nblocks: int,
-                          device: torch.device) -> torch.Tensor:
-    """ChaCha20 blocks ``counter .. counter + nblocks - 1`` as 32-bit words: int64 [16, nblocks].
-
-    Word ``k`` of block ``j`` is ``out[k, j]``; serialized little endian, word by word, they
-    are the keystream. The state is a [4 rows, 4 columns, blocks] grid: a column round is one
-    vectorised quarter round over the 4 columns; a diagonal round first rotates rows 1, 2, 3 by
-    1, 2, 3 places so that the diagonals line up as columns (RFC 8439 sec. 2.3).
-    """
-    if not (0 <= counter and counter + nblocks <= 1 << 32):
-        raise ValueError(f"commcomp: blocks {counter} .. {counter + nblocks - 1} overflow "
-                         "ChaCha20's 32-bit block counter; split the request and use a fresh nonce")
-    words = [*_SIGMA, *struct.unpack("<8I", key), 0, *struct.unpack("<3I", nonce)]
-    init = torch.tensor(words, dtype=torch.int64, device=device).unsqueeze(1).repeat(1, nblocks)
-    init[12] = torch.arange(counter, counter + nblocks, dtype=torch.int64, device=device)
-    grid = init.view(4, 4, nblocks)
-    a, b, c, d = (grid[r].clone() for r in range(4))
-    for _ in range(10):  # 20 rounds = 10 x (column round, diagonal round)
-        _quarter_round_(a, b, c, d)
-        b, c, d = b.roll(-1, 0), c.roll(-2, 0), d.roll(-3, 0)
-        _quarter_round_(a, b, c, d)
-        b, c, d = b.roll(1, 0), c.roll(2, 0), d.roll(3, 0)
-    out = torch.cat((a, b, c, d)).view(16, nblocks)
-    return out.add_(init).bitwise_and_(_MASK32)
-
-
-def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
-    """[16, nblocks] int64 words -> the keystream as uint8 [64 * nblocks] (little endian)."""
-    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=words.device)
-    return (words.t().unsqueeze(-1) >> shifts).bitwise_and_(0xFF).to(torch.uint8).reshape(-1)
-
-
-def _words_to_mantissas(words: torch.Tensor) -> torch.Tensor:
-    """[16, nblocks] 32-bit words -> the top 53 bits of each 64-bit LE word: int64 [nblocks, 8]."""
-    lo, hi = words[0::2], words[1::2]  # 64-bit word k of a block = words 2k (low), 2k + 1 (high)
-    return ((hi << 21) | (lo >> 11)).t()
-
-
-# --- the cryptography (OpenSSL) path --------------------------------------------------------
-def _encryptor(key: bytes, nonce: bytes, counter: int):
-    # cryptography's 16-byte "nonce" is RFC 8439's 32-bit block counter (little endian)
-    # followed by its 96-bit nonce.
-    algorithm = _algorithms.ChaCha20(key, counter.to_bytes(4, "little") + nonce)
-    return _Cipher(algorithm, mode=None).encryptor()
-
-
-def _keystream_into(enc, buf: bytearray, nbytes: int) -> None:
-    view = memoryview(buf)
-    for start in range(0, nbytes, len(_ZEROS)):
-        stop = min(nbytes, start + len(_ZEROS))
-        enc.update_into(_ZEROS[: stop - start], view[start:stop])
-
-
-def _check_segment(counter: int, nbytes: int) -> None:
-    if not 0 <= counter < 1 << 32:
-        raise ValueError(f"commcomp: counter must be in [0, 2^32), got {counter}")
-    end = counter + -(-nbytes // _BLOCK)
-    if end > 1 << 32:
-        raise ValueError(f"commcomp: {nbytes} bytes from block {counter} need blocks up to "
-                         f"{end - 1}, past ChaCha20's 32-bit block counter (2^32 blocks = 256 GiB "
-                         "per nonce); ask for less, or continue with a fresh nonce")
-
-
-def chacha20_keystream(key: bytes, nonce: bytes, nbytes: int, *, counter: int = 0,
-                       device: DeviceLike = "cpu", backend: str = "auto") -> torch.Tensor:
-    """The ChaCha20 keystream (RFC 8439 sec. 2.4) as a uint8 tensor of ``nbytes`` on ``device``.
-
-    Args:
-        key: 32 bytes. nonce: 12 bytes (the IETF 96-bit nonce).
-        nbytes: how many keystream bytes; need not be a multiple of the 64-byte block.
-        counter: the first block's 32-bit counter (RFC 8439 starts encryption at 1 and keeps
-            block 0 for the Poly1305 key). The counter never wraps: a request that would pass
-            block 2^32 - 1 raises.
-        device: where the keystream is produced (and returned).
-        backend: ``"auto"`` (OpenSSL through ``cryptography`` on CPU, the PyTorch twin
-            elsewhere), ``"cryptography"`` (CPU only) or ``"torch"`` (the twin, any device).
-
-    Encrypting is XOR with this; it is exposed for tests and cross-checks. A stream cipher's
-    one rule: never reuse a (key, nonce) pair for two different purposes.
-    """
-    key = _check_key(key)
-    if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != 12:
-        raise ValueError("commcomp: nonce must be 12 bytes (RFC 8439's 96-bit nonce), "
-                         f"got {nonce!r}")
-    nonce = bytes(nonce)
-    nbytes = _check_count(nbytes, "nbytes")
-    counter = operator.index(counter)
-    _check_segment(counter, nbytes)
-    backend = _check_backend(backend)
-    dev = torch.device(device)
-    if backend == "cryptography" and dev.type != "cpu":
-        raise ValueError(f"commcomp: backend='cryptography' runs on CPU only, got device {dev}; "
-                         "use backend='auto' or 'torch' for other devices")
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8, device=dev)
-    if _use_cryptography(backend, dev):
-        buf = bytearray(nbytes)
-        _keystream_into(_encryptor(key, nonce, counter), buf, nbytes)
-        return torch.frombuffer(buf, dtype=torch.uint8)
-    nblocks = -(-nbytes // _BLOCK)
-    return _words_to_bytes(_chacha20_words_torch(key, nonce, counter, nblocks, dev))[:nbytes]
 
 
 # --- from uniform words to Gaussians --------------------------------------------------------
@@ -355,8 +166,8 @@ class SecureGenerator:
     """
 
     def __init__(self, key: Optional[bytes] = None, *, backend: str = "auto"):
-        self._key = secrets.token_bytes(32) if key is None else _check_key(key)
-        self._backend = _check_backend(backend)
+        self._key = secrets.token_bytes(32) if key is None else check_key(key)
+        self._backend = check_backend(backend)
         self._lock = threading.Lock()
         self._draws = 0
         self._pid = os.getpid()
@@ -438,26 +249,26 @@ class SecureGenerator:
             nb = min(stop - g, _BLOCKS_PER_NONCE - counter)
             nonce = draw.to_bytes(8, "little") + seg.to_bytes(4, "little")
             if buf is not None:
-                nbytes = nb * _BLOCK
+                nbytes = nb * BLOCK_BYTES
                 if len(buf) < nbytes:
                     buf = bytearray(nbytes)
-                _keystream_into(_encryptor(self._key, nonce, counter), buf, nbytes)
+                openssl_keystream_into(self._key, nonce, counter, buf, nbytes)
                 w = torch.frombuffer(buf, dtype=torch.int64, count=nb * _WORDS).view(nb, _WORDS)
                 parts.append((w >> 11).bitwise_and_(_MASK53))  # a new tensor: buf may be reused
             else:
-                words = _chacha20_words_torch(self._key, nonce, counter, nb, device)
-                parts.append(_words_to_mantissas(words))
+                words = chacha20_words(self._key, nonce, counter, nb, device)
+                parts.append(words_to_mantissas(words))
             g += nb
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _pieces(self, draw: int, nblocks: int, device: torch.device):
         """Yield ``(first block, mantissas [blocks, 8])`` of draw ``draw``, a piece at a time."""
-        crypto = _use_cryptography(self._backend, device)
+        crypto = use_cryptography(self._backend, device)
         if device.type != "cpu":
             step = _DEVICE_PIECE_BLOCKS
         else:
             step = _CPU_PIECE_BLOCKS if crypto else _TWIN_CPU_PIECE_BLOCKS
-        buf = bytearray(min(nblocks, step) * _BLOCK) if crypto else None
+        buf = bytearray(min(nblocks, step) * BLOCK_BYTES) if crypto else None
         for start in range(0, nblocks, step):
             yield start, self._mantissas(draw, start, min(step, nblocks - start), device, buf)
 
@@ -471,7 +282,7 @@ class SecureGenerator:
         Scale it yourself: ``gen.normal(n, dev).mul_(std)``. One draw (one nonce) per call;
         32 keystream bytes per sample.
         """
-        n = _check_count(n)
+        n = check_count(n)
         dev = torch.device(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError("commcomp: dtype must be a floating torch.dtype (float16, bfloat16, "
@@ -486,7 +297,7 @@ class SecureGenerator:
 
     def uniform(self, n: int, device: DeviceLike = "cpu") -> torch.Tensor:
         """``n`` float64 samples uniform on the grid ``{k / 2^53 : 0 <= k < 2^53}`` in [0, 1)."""
-        n = _check_count(n)
+        n = check_count(n)
         dev = torch.device(device)
         draw = self._next_draw()
         out = torch.empty(n, dtype=torch.float64, device=dev)

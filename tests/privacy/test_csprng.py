@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from commcomp.privacy import csprng
+from commcomp.privacy import chacha20, csprng
 from commcomp.privacy.csprng import SecureGenerator, chacha20_keystream
 
 needs_crypto = pytest.mark.skipif(not csprng.cryptography_available(),
@@ -47,8 +47,7 @@ def test_rfc8439_2_3_2_block_function(backend):
 
 def test_rfc8439_2_3_2_state_words_of_the_twin():
     """The same vector as 32-bit words (RFC 8439 sec. 2.3.2, state after adding the input)."""
-    words = csprng._chacha20_words_torch(RFC_KEY, unhex("000000090000004a00000000"), 1, 1,
-                                         torch.device("cpu"))
+    words = chacha20.chacha20_words(RFC_KEY, unhex("000000090000004a00000000"), 1, 1, torch.device("cpu"))
     expected = [0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033,
                 0x9aaa2204, 0x4e6cd4c3, 0x466482d2, 0x09aa9f07, 0x05d7c214, 0xa2028bd9,
                 0xd19c12b5, 0xb94e16de, 0xe883d0cb, 0x4e3c50a2]
@@ -214,8 +213,8 @@ def test_a_long_draw_moves_to_a_fresh_nonce_instead_of_wrapping(monkeypatch, bac
 def test_missing_cryptography_falls_back_to_the_twin_with_one_warning(monkeypatch):
     key = secrets.token_bytes(32)
     expected = SecureGenerator(key).normal(100)
-    monkeypatch.setattr(csprng, "_CRYPTOGRAPHY_OK", False)
-    monkeypatch.setattr(csprng, "_fallback_warned", False)
+    monkeypatch.setattr(chacha20, "_CRYPTOGRAPHY_OK", False)
+    monkeypatch.setattr(chacha20, "_fallback_warned", False)
     gen = SecureGenerator(key)
     with pytest.warns(RuntimeWarning, match="cryptography"):
         got = gen.normal(100)
