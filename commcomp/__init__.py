@@ -1,7 +1,12 @@
 """commcomp: communication compression for PyTorch distributed training.
 
-The kernels (:mod:`commcomp.ops`) come first; collectives (:mod:`commcomp.collectives`) move
-their payloads; the DDP communication hooks (:mod:`commcomp.hooks`) build on both::
+The packages form layers, each importing only from those below it: :mod:`commcomp.utils`
+(validators, byte counter, seeds) -> :mod:`commcomp.ops` (kernels) -> :mod:`commcomp.codecs`
+-> :mod:`commcomp.collectives` (how payloads cross ranks) -> :mod:`commcomp.perfmodel` ->
+:mod:`commcomp.core` (the hook-state contract and registration) -> the algorithms
+(:mod:`commcomp.privacy`, :mod:`commcomp.coding`, :mod:`commcomp.decentralized`,
+:mod:`commcomp.hooks`) -> :mod:`commcomp.integrations` -> the command line. The DDP
+communication hooks register in one line::
 
     state = commcomp.register(ddp_model, "terngrad")
     state = commcomp.register(ddp_model, "sketch_dp", sketch_ratio=0.01, noise_multiplier=1.0, clip_norm=1.0)
@@ -16,10 +21,10 @@ proximal step (DProxSGT / CDProxSGT)::
     gt = commcomp.decentralized.GradientTracking(model, 0.05, topology="ring", compressor="ternary")
 """
 
-from commcomp import checkpoint, codecs, coding, collectives, decentralized, hooks, ops, privacy
+from commcomp import checkpoint, codecs, coding, collectives, core, decentralized, hooks, ops, perfmodel, privacy, utils
 from commcomp.hooks import register
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoint", "codecs", "coding", "collectives", "decentralized", "hooks", "ops", "privacy", "register",
-           "__version__"]
+__all__ = ["checkpoint", "codecs", "coding", "collectives", "core", "decentralized", "hooks", "ops", "perfmodel",
+           "privacy", "register", "utils", "__version__"]

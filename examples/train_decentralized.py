@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _mnist import CNN, accuracy, mnist  # noqa: E402
 
-from commcomp.collectives.ternary import ring_allreduce_bytes  # noqa: E402
+from commcomp.utils import ring_allreduce_bytes  # noqa: E402
 from commcomp.decentralized import L1, GradientTracking, sparsity  # noqa: E402
 
 METHODS = {

@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _mnist import DPCNN, accuracy, mnist
 
 import commcomp
-from commcomp import collectives
+from commcomp.utils import ring_allreduce_bytes
 from commcomp.codecs import Sketch, sketch_size
 from commcomp.hooks import SketchDPState
 from commcomp.privacy import PoissonBatchSampler, clip_coefficient
@@ -132,8 +132,8 @@ def release_sketch_space(state: SketchDPState, params, batch_size: float, step_s
         y += state.noise.gaussian(y.numel(), state.noise_multiplier * state.clip_norm, y.device)
     state.ledger.record()  # counted before it is sent, as the library does
     dist.all_reduce(y, group=state.process_group)
-    state.add_bytes(collectives.ring_allreduce_bytes(4 * y.numel(), state.world_size))
-    state.add_fp32_bytes(collectives.ring_allreduce_bytes(4 * d, state.world_size))
+    state.metrics.sent(ring_allreduce_bytes(4 * y.numel(), state.world_size))
+    state.metrics.fp32_allreduce(d, state.world_size)
     state.step += 1
     avg = sk.transpose(y).div_(state.world_size * batch_size)
     pos = 0

@@ -46,8 +46,28 @@ def _entry(rank, worker, world, init_file, args):
     os._exit(0)
 
 
-def spawn(worker, world: int, tmp_path, *args) -> None:
+def _entry_clean_exit(rank, worker, world, init_file, args):
+    """Like _entry, but the rank leaves through the interpreter's normal exit (atexit handlers,
+    thread joins, module teardown), so that exit path is tested too."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=90))
+    worker(rank, world, *args)
+    dist.destroy_process_group()
+
+
+def spawn(worker, world: int, tmp_path, *args, clean_exit: bool = False) -> None:
+    """Run ``worker(rank, world, *args)`` on ``world`` gloo ranks. ``clean_exit``: the ranks end
+    through the normal interpreter exit instead of ``os._exit`` (needs torch >= 2.8, where
+    destroying a gloo group cannot deadlock)."""
     init_file = os.path.join(str(tmp_path), f"rendezvous-{world}")
+    if clean_exit:
+        if not _DESTROY_IS_SAFE:
+            import pytest
+
+            pytest.skip("torch < 2.8 can deadlock destroying a gloo group (pytorch/pytorch#154976)")
+        mp.spawn(_entry_clean_exit, args=(worker, world, init_file, args), nprocs=world, join=True)
+        return
     mp.spawn(_entry, args=(worker, world, init_file, args), nprocs=world, join=True)
 
 

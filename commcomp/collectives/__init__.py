@@ -1,23 +1,25 @@
-"""How payloads cross ranks, written once and reused by every hook: non-blocking future
-chaining (:mod:`.futures`), ternary collectives (:mod:`.ternary`), point-to-point messages that
-work on every backend (:mod:`.p2p`) and a cost model (:mod:`.cost`) that picks between
-collectives."""
+"""How payloads cross ranks, written once and reused by every hook: deferred collectives and
+the ordered executors that run each hook group's exchanges (:mod:`.executor`), ternary
+collectives (:mod:`.ternary`), and point-to-point messages that work on every backend
+(:mod:`.p2p`). Which ternary collective a bucket uses is the performance model's choice
+(:func:`commcomp.perfmodel.choose`)."""
 
-from .cost import LinkModel, choose, estimate
 from . import p2p
-from .futures import CommThread, Pending, all_gather, all_reduce, all_to_all, comm_thread, then
-from .ternary import (
-    COLLECTIVES,
-    Encoding,
-    Launched,
-    allgather_packed,
-    int8_allreduce,
-    ring_allreduce_bytes,
-    two_phase,
+from .executor import (
+    Deferred,
+    ExecutorClosed,
+    OrderedExecutor,
+    all_gather,
+    all_reduce,
+    all_to_all,
+    new_future,
+    release_executor,
+    shared_executor,
 )
+from .ternary import COLLECTIVES, INT8_MAX_WORLD, Encoding, Launched, allgather_packed, int8_allreduce, two_phase
 
 __all__ = [
-    "COLLECTIVES", "CommThread", "Encoding", "Launched", "LinkModel", "Pending", "all_gather", "all_reduce",
-    "all_to_all", "allgather_packed", "comm_thread", "choose", "estimate", "int8_allreduce",
-    "p2p", "ring_allreduce_bytes", "then", "two_phase",
+    "COLLECTIVES", "Deferred", "Encoding", "ExecutorClosed", "INT8_MAX_WORLD", "Launched", "OrderedExecutor",
+    "all_gather", "all_reduce", "all_to_all", "allgather_packed", "int8_allreduce", "new_future", "p2p",
+    "release_executor", "shared_executor", "two_phase",
 ]

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from commcomp import ops
-from commcomp.ops.reference import per_element
+from commcomp.ops import per_element
+from commcomp.utils.metrics import ring_allreduce_bytes
 
-from .futures import Pending, all_gather, all_reduce, all_to_all, then
+from .executor import Deferred, all_gather, all_reduce, all_to_all
 
 INT8_MAX_WORLD = 127  # |sum of W ternary codes| <= W fits int8 up to here
 
@@ -45,14 +46,9 @@ class Encoding:
 
 @dataclass
 class Launched:
-    future: Pending  # float32 average over ranks, same on every rank
+    future: Deferred  # float32 average over ranks, same on every rank
     bytes_sent: int  # by this rank, for the payload collective(s)
     own: Optional[torch.Tensor] = None  # this rank's decoded payload (for error feedback)
-
-
-def ring_allreduce_bytes(nbytes: int, world: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of nbytes (reduce-scatter + all-gather)."""
-    return 2 * (world - 1) * nbytes // world
 
 
 def _decode_sums(sums: torch.Tensor, enc: Encoding, world: int) -> torch.Tensor:
@@ -78,7 +74,7 @@ def allgather_packed(x, enc: Encoding, group=None, want_own: bool = False) -> La
     packed = ops.ternarize_pack(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
     own = ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False) if want_own else None
 
-    def decode(f: Pending) -> torch.Tensor:
+    def decode(f: Deferred) -> torch.Tensor:
         total = torch.zeros(n, dtype=torch.float32, device=x.device)
         ops.unpack_accumulate(f.value(), _rows(enc.scales, world), total, segments=enc.lengths,
                               validate=False)
@@ -119,7 +115,7 @@ def two_phase(x, enc: Encoding, group=None, want_own: bool = False, requantize: 
     if not requantize and world > INT8_MAX_WORLD:
         raise ValueError(f"two_phase(requantize=False) sends int8 sums: world size {world} > {INT8_MAX_WORLD}")
 
-    def reduce_chunk(f: Pending) -> Pending:
+    def reduce_chunk(f: Deferred) -> Deferred:
         recv, m = f.value(), e1 - e0  # recv[w] = rank w's bytes of my chunk
         sums = torch.zeros(m, dtype=torch.float32, device=x.device)
         if m > 0:  # integer sums of the codes: exact in float32
@@ -141,7 +137,7 @@ def two_phase(x, enc: Encoding, group=None, want_own: bool = False, requantize: 
         return all_gather(out, group).then(
             lambda g: _decode_sums(g.value().reshape(-1)[:n], enc, world))
 
-    fut = then(all_to_all(send.view(world, chunk), group), reduce_chunk, x)
+    fut = all_to_all(send.view(world, chunk), group).then(reduce_chunk)
     phase2 = chunk if requantize else 4 * chunk
     return Launched(fut, (world - 1) * chunk + (world - 1) * phase2, own)
 

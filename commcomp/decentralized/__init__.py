@@ -18,13 +18,14 @@ gradient tracking with compression and a proximal step (DProxSGT / CDProxSGT, Ya
 
 from .exchange import NeighbourExchange
 from .gradient_tracking import GradientTracking
+from .hook import GradientTrackingState, gradient_tracking_hook
 from .mixing import Mixer
 from .prox import L1, Box, FunctionProx, L2Norm, L2Squared, Prox, make_prox, sparsity
 from .topology import (TOPOLOGIES, Topology, complete, exponential, from_adjacency, make_topology,
                        metropolis_hastings, one_peer_exponential, ring, torus, uniform_weights)
 from .tracking import Tracker
 
-__all__ = ["TOPOLOGIES", "Box", "FunctionProx", "GradientTracking", "L1", "L2Norm", "L2Squared", "Mixer",
+__all__ = ["TOPOLOGIES", "Box", "FunctionProx", "GradientTracking", "GradientTrackingState", "L1", "L2Norm", "L2Squared", "Mixer",
            "NeighbourExchange", "Prox", "Topology", "Tracker", "complete", "exponential", "from_adjacency",
            "make_prox", "make_topology", "metropolis_hastings", "one_peer_exponential", "ring", "sparsity",
-           "torus", "uniform_weights"]
+           "torus", "uniform_weights", "gradient_tracking_hook"]

@@ -32,21 +32,34 @@ Example::
 
 from __future__ import annotations
 
-import numbers
+from functools import partial
 from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from commcomp.collectives.ternary import ring_allreduce_bytes
+from commcomp.core import Configurable, Option, register
+from commcomp.utils import mix_seed, validate
+from commcomp.utils.metrics import ByteCounter, ring_allreduce_bytes
 
 from .exchange import NeighbourExchange
-from .mixing import Mixer, check_static, make_mixing_compressor, wide
-from .prox import Prox, make_prox
+from .hook import GradientTrackingState, gradient_tracking_hook
+from .mixing import Mixer, check_gamma, check_static, default_gamma, make_mixing_compressor, wide
+from .prox import make_prox
 from .topology import make_topology
+from .tracking import Tracker
 
 
-class GradientTracking:
+def _describe(topology):
+    return topology.describe()
+
+
+def _prox_record(prox):
+    return None if prox is None else {"name": prox.name, **prox.options()}
+
+
+class GradientTracking(Configurable):
     """Decentralized proximal SGD with gradient tracking (DProxSGT / CDProxSGT) around a model.
 
     Args:
@@ -71,7 +84,9 @@ class GradientTracking:
             ``Box``), ``"l1:1e-4"``, a callable ``f(x, step_size) -> x``, or ``None``.
         prox_params: names of the parameters ``r`` applies to, or a predicate on names
             (default: all; e.g. ``lambda n: n.endswith("weight")`` leaves biases alone).
-        gamma_x, gamma_y: consensus step sizes in ``(0, 1]`` (default 1 exact, 0.5 compressed).
+        gamma_x, gamma_y: consensus step sizes in ``(0, 1]`` (default
+            :func:`~commcomp.decentralized.mixing.default_gamma`: 1 exact, 0.2 ternary,
+            ``min(0.5, 2.5 * ratio)`` top-k / random-k).
         tracking: ``False`` for decentralized SGD without gradient tracking (the baseline).
         process_group: the ranks forming the graph (node i = group rank i).
         seed: base of the compressors' random streams; the same on every rank.
@@ -82,119 +97,121 @@ class GradientTracking:
             all-reduces x, y and g in float64, counted in ``metrics["bytes_diagnostic"]``.
     """
 
+    what = "GradientTracking"
+    OPTIONS = (
+        Option("topology", record=_describe),
+        Option("compressor_y", record=lambda c: c.name),
+        Option("compressor_y_options", attr="compressor_y", record=lambda c: c.options()),
+        Option("compressor_x", record=lambda c: c.name),
+        Option("compressor_x_options", attr="compressor_x", record=lambda c: c.options()),
+        Option("gamma_x", check_gamma),
+        Option("gamma_y", check_gamma),
+        Option("tracking", validate.boolean),
+        Option("seed", validate.seed),
+        Option("prox", record=_prox_record),
+        Option("prox_params", attr="_prox_names", record=sorted),
+        Option("world_size"),
+        Option("metrics_every", partial(validate.integer, low=0), per_rank=True),
+    )
+
     def __init__(self, model: torch.nn.Module, optimizer_or_lr: Union[float, torch.optim.Optimizer], *,
                  topology="ring", compressor=None, compressor_x=None, prox=None, prox_params=None,
                  gamma_x: Optional[float] = None, gamma_y: Optional[float] = None, tracking: bool = True,
                  process_group=None, seed: int = 0, sync_init: bool = True, tracker=None,
                  metrics_every: int = 0):
-        from torch.nn.parallel import DistributedDataParallel
-
-        from commcomp.hooks._common import check_same_options
-        from commcomp.hooks.gradient_tracking import GradientTrackingState, check_gamma, default_gamma
-
         if not dist.is_initialized():
             raise RuntimeError("commcomp: initialize torch.distributed before creating GradientTracking")
+        # Validate everything before touching the model, the group or the DDP hook.
         self.model = model
         self.ddp = isinstance(model, DistributedDataParallel)
         if self.ddp and process_group is None:
             process_group = model.process_group
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
-        self.world_size = dist.get_world_size(process_group)
-        self.optimizer, self.lr = self._descent(optimizer_or_lr)
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self._named:
             raise ValueError("commcomp: the model has no trainable parameters")
-        if isinstance(metrics_every, bool) or not isinstance(metrics_every, numbers.Integral) or metrics_every < 0:
-            raise ValueError(f"commcomp: metrics_every must be an integer >= 0, got {metrics_every!r}")
-        self.metrics_every = int(metrics_every)
-        self.prox: Optional[Prox] = make_prox(prox)
+        self.optimizer, self.lr = self._descent(optimizer_or_lr)
+        topo = make_topology(topology, dist.get_world_size(process_group))
+        if tracker is not None:  # the y side comes from the registered hook state
+            self._check_tracker(tracker, topo)
+            compressor_y, gamma_y, tracking, seed = tracker.compressor, tracker.gamma_y, tracker.tracking, tracker.seed
+            if compressor_x is None and compressor is None:
+                compressor_x = compressor_y  # the hook's messages are compressed: the model's too
+        else:
+            compressor_y = make_mixing_compressor(compressor)
+            gamma_y = default_gamma(compressor_y) if gamma_y is None else gamma_y
+        compressor_x = make_mixing_compressor(compressor if compressor_x is None else compressor_x)
+        self._set_options(
+            topology=topo, compressor_y=compressor_y, compressor_x=compressor_x,
+            gamma_x=default_gamma(compressor_x) if gamma_x is None else gamma_x, gamma_y=gamma_y,
+            tracking=tracking, seed=seed, prox=make_prox(prox), world_size=dist.get_world_size(process_group),
+            metrics_every=metrics_every)
         self._prox_names = self._select(prox_params)
-        topo = make_topology(topology, self.world_size)
-        if self.optimizer is not None:
-            covered = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for comp in (self.compressor_x, self.compressor_y):
+            check_static(comp, topo)
+        if not self.ddp:  # (a DDP hook state checks its own options, these included, at registration)
+            self.check_across_ranks(process_group, self._named[0][1].device, hook="GradientTracking")
+        self._names = [n for n, _ in self._named]
+        self._lengths = [p.numel() for _, p in self._named]
+        self.bytes = ByteCounter(("bytes_x", "bytes_y", "bytes_diagnostic"))
+        self.hook_state = self._y_side(model, tracker, process_group)
+        self._x_side(sync_init)
+        self.step_count = 0
+        self._bad_x = None
+        self._prox_zeros = None
+        self.diagnostics: Dict[str, float] = {}
+
+    def _check_tracker(self, tracker, topo) -> None:
+        if not self.ddp:
+            raise ValueError("commcomp: tracker= is the hook state of a DDP model; this model is not "
+                             "DistributedDataParallel (leave tracker out and one is created)")
+        if not isinstance(tracker, GradientTrackingState):
+            raise TypeError(f"commcomp: tracker must be a GradientTrackingState, got {type(tracker).__name__}")
+        if tracker.topology.describe() != topo.describe():
+            raise ValueError("commcomp: the tracker's topology differs from this GradientTracking's "
+                             f"({tracker.topology!r} vs {topo!r}); give both the same")
+
+    def _y_side(self, model, tracker, process_group) -> Optional[GradientTrackingState]:
+        """The gradient tracker: the DDP hook's (registered here unless given), or its own."""
+        if tracker is None and self.ddp:
+            tracker = register(model, GradientTrackingState, gradient_tracking_hook, process_group=process_group,
+                               topology=self.topology, compressor=self.compressor_y, gamma_y=self.gamma_y,
+                               tracking=self.tracking, seed=self.seed, model_options=self.options())
+        if tracker is not None:
+            self.exchange, self.tracker = tracker.exchange, tracker.tracker
+            return tracker
+        self.exchange = NeighbourExchange(self.topology, process_group)
+        self.tracker = Tracker(self.exchange, self.compressor_y, self.gamma_y, self.tracking, self.seed,
+                               counter=self.bytes, label="bytes_y")
+        return None
+
+    def _x_side(self, sync_init: bool) -> None:
+        """The model mixer, after the shared starting point (rank 0's parameters)."""
+        if sync_init and not self.ddp:
+            with torch.no_grad():
+                group = self.process_group
+                for _, p in self._named:
+                    dist.broadcast(p.data, dist.get_global_rank(group, 0) if group else 0, group=group)
+        by_name = dict(self._named)
+        # hat_i = acc_i = x^0: the shared starting model, which every rank can reproduce
+        self.mixer_x = Mixer(self.exchange, self.compressor_x, self.gamma_x,
+                             init=lambda name, n: by_name[name].detach().reshape(-1),
+                             counter=self.bytes, label="bytes_x")
+        self.mixer_x.store.get(self._names, self._lengths, self._flat_params().to(wide(self._named[0][1].dtype)))
+
+    # -- construction helpers
+    def _descent(self, optimizer_or_lr):
+        if isinstance(optimizer_or_lr, torch.optim.Optimizer):
+            covered = {id(p) for group in optimizer_or_lr.param_groups for p in group["params"]}
             missing = [n for n, p in self._named if id(p) not in covered]
             if missing:
                 raise ValueError(f"commcomp: the optimizer does not hold the trainable parameters {missing[:6]}"
                                  f"{' ...' if len(missing) > 6 else ''}; they would never move. Give it all of "
                                  "model.parameters() (or freeze those with requires_grad_(False))")
-
-        # Validate everything before touching the model, the group or the DDP hook.
-        if tracker is not None:
-            if not self.ddp:
-                raise ValueError("commcomp: tracker= is the hook state of a DDP model; this model is not "
-                                 "DistributedDataParallel (leave tracker out and one is created)")
-            if not isinstance(tracker, GradientTrackingState):
-                raise TypeError(f"commcomp: tracker must be a GradientTrackingState, got {type(tracker).__name__}")
-            if tracker.topology.describe() != topo.describe():
-                raise ValueError("commcomp: the tracker's topology differs from this GradientTracking's "
-                                 f"({tracker.topology!r} vs {topo!r}); give both the same")
-            compressor_y, gamma_y, tracking, seed = tracker.compressor, tracker.gamma_y, tracker.tracking, tracker.seed
-        else:
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-                raise ValueError(f"commcomp: seed must be an integer >= 0, got {seed!r}")
-            if not isinstance(tracking, bool):
-                raise TypeError(f"commcomp: tracking must be True or False, got {tracking!r}")
-            compressor_y = make_mixing_compressor(compressor)
-            gamma_y = check_gamma(default_gamma(compressor_y) if gamma_y is None else gamma_y, "gamma_y")
-        if compressor_x is None and compressor is None and tracker is not None:
-            compressor_x = compressor_y  # the hook's messages are compressed: the model's too
-        self.compressor_y, self.gamma_y, self.tracking, self.seed = compressor_y, gamma_y, tracking, int(seed)
-        self.compressor_x = make_mixing_compressor(compressor if compressor_x is None else compressor_x)
-        self.gamma_x = check_gamma(default_gamma(self.compressor_x) if gamma_x is None else gamma_x, "gamma_x")
-        for comp in (self.compressor_x, self.compressor_y):
-            check_static(comp, topo)
-        self.topology = topo
-        self._names = [n for n, _ in self._named]
-        self._lengths = [p.numel() for _, p in self._named]
-        if not self.ddp:  # (the DDP hook runs the same check at its first step)
-            check_same_options(dict(self.options(), hook="GradientTracking"), self.world_size, process_group,
-                               self._named[0][1].device)
-
-        if tracker is not None:
-            self.hook_state = tracker
-        elif self.ddp:
-            from commcomp.hooks import register
-
-            self.hook_state = register(model, "gradient_tracking", process_group=process_group, topology=topo,
-                                       compressor=compressor_y, gamma_y=gamma_y, tracking=tracking, seed=seed,
-                                       model_options=self.options())
-        else:
-            self.hook_state = None
-        if self.hook_state is not None:
-            self.exchange, self.tracker = self.hook_state.exchange, self.hook_state.tracker
-        else:
-            from .tracking import Tracker
-
-            self.exchange = NeighbourExchange(topo, process_group)
-            self.tracker = Tracker(self.exchange, self.compressor_y, self.gamma_y, tracking, self.seed)
-
-        if sync_init and not self.ddp:
-            with torch.no_grad():
-                for _, p in self._named:
-                    dist.broadcast(p.data, dist.get_global_rank(process_group, 0) if process_group else 0,
-                                   group=process_group)
-        by_name = dict(self._named)
-        # hat_i = acc_i = x^0: the shared starting model, which every rank can reproduce
-        self.mixer_x = Mixer(self.exchange, self.compressor_x, self.gamma_x,
-                             init=lambda name, n: by_name[name].detach().reshape(-1))
-        self.mixer_x.store.get(self._names, self._lengths, self._flat_params().to(wide(self._named[0][1].dtype)))
-        self._bad_x = None
-        self.step_count = 0
-        self._prox_zeros = None
-        self.metrics: Dict[str, float] = {"bytes_sent": 0, "bytes_sent_fp32_allreduce": 0, "bytes_x": 0,
-                                          "bytes_y": 0, "bytes_diagnostic": 0, "steps": 0}
-
-    # -- construction helpers
-    @staticmethod
-    def _descent(optimizer_or_lr):
-        if isinstance(optimizer_or_lr, torch.optim.Optimizer):
             return optimizer_or_lr, None
-        lr = optimizer_or_lr
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not float(lr) > 0 or lr != lr:
-            raise ValueError(f"commcomp: the second argument must be a learning rate > 0 or a torch.optim "
-                             f"optimizer, got {optimizer_or_lr!r}")
-        return None, float(lr)
+        return None, validate.positive(optimizer_or_lr, "the second argument (learning rate)",
+                                       hint="give a learning rate > 0 or a torch.optim optimizer")
 
     def _select(self, prox_params) -> set:
         names = [n for n, _ in self._named]
@@ -283,29 +300,33 @@ class GradientTracking:
         v = torch.where(finite, v, x_prev)
         bad = (~finite.all()).to(torch.int64)
         self._bad_x = bad if self._bad_x is None else self._bad_x + bad
-        seed = _mix_seed(self.seed, self.rank, t, 1)
+        seed = mix_seed(self.seed, self.rank, t, 1)
         mixed = self.mixer_x.finish(self.mixer_x.start(v, self._names, self._lengths, t, seed), t)
         self._write(mixed, grads=False)
         self.step_count = t + 1
-        self._account()
         if self.metrics_every and self.step_count % self.metrics_every == 0:
             self.measure()
         return loss
 
-    def _account(self) -> None:
-        m = self.metrics
-        m["steps"] = self.step_count
-        m["bytes_x"] = self.mixer_x.bytes_sent
-        m["bytes_y"] = self.tracker.bytes_sent
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """Bytes this rank sent (``bytes_x`` model mixing, ``bytes_y`` tracker, ``bytes_sent``
+        both), what a ring fp32 all-reduce of the gradients would have sent, ``bytes_diagnostic``
+        (:meth:`measure`), ``steps``, ``nonfinite_steps`` (gradients replaced by the previous
+        ones) and the last :meth:`measure`'s results."""
+        m = dict(self.bytes)
+        if self.hook_state is not None:  # the tracker counts in the DDP hook state's metrics
+            m["bytes_y"] = self.hook_state.metrics["bytes_sent"]
         m["bytes_sent"] = m["bytes_x"] + m["bytes_y"]
-        numel = sum(self._lengths)
-        m["bytes_sent_fp32_allreduce"] = self.step_count * ring_allreduce_bytes(numel * 4, self.world_size)
-        m["nonfinite_steps"] = self.tracker.nonfinite_steps  # gradients replaced by the previous ones
+        m["bytes_sent_fp32_allreduce"] = self.step_count * ring_allreduce_bytes(4 * sum(self._lengths),
+                                                                                 self.world_size)
+        m.update(steps=self.step_count, nonfinite_steps=self.tracker.nonfinite_steps, **self.diagnostics)
+        return m
 
     def compression_ratio(self) -> float:
         """fp32 all-reduce bytes over the bytes this rank sent (above 1: fewer bytes than DDP)."""
-        sent = self.metrics["bytes_sent"]
-        return self.metrics["bytes_sent_fp32_allreduce"] / sent if sent else float("nan")
+        m = self.metrics
+        return m["bytes_sent_fp32_allreduce"] / m["bytes_sent"] if m["bytes_sent"] else float("nan")
 
     # -- diagnostics
     def _tracked(self, var: int) -> torch.Tensor:
@@ -334,14 +355,13 @@ class GradientTracking:
         mx, my, mg = means[:d], means[d:2 * d], means[2 * d:]
         spread = torch.stack([(x - mx).square().sum(), (y - my).square().sum()])
         dist.all_reduce(spread, group=self.process_group)  # 2: the spreads, without cancellation
-        self.metrics["bytes_diagnostic"] += ring_allreduce_bytes(means.numel() * 8, n) + \
-            ring_allreduce_bytes(16, n)
+        self.bytes.add(ring_allreduce_bytes(means.numel() * 8, n) + ring_allreduce_bytes(16, n), "bytes_diagnostic")
         out = {"consensus_error": float(spread[0]) / n, "tracker_error": float(spread[1]) / n,
                "tracking_residual": float((my - mg).norm()), "mean_model_sqnorm": float(mx.dot(mx)),
                "nonfinite_model_steps": 0 if self._bad_x is None else int(self._bad_x)}
         if self._prox_zeros is not None:  # on this rank, after its last proximal step
             out["prox_sparsity"] = float(self._prox_zeros[0]) / max(self._prox_zeros[1], 1)
-        self.metrics.update(out)
+        self.diagnostics = out
         return out
 
     @torch.no_grad()
@@ -349,7 +369,7 @@ class GradientTracking:
         """The average model over ranks, by parameter name (one all-reduce; for evaluation)."""
         flat = self._flat_params().to(torch.float64)
         dist.all_reduce(flat, group=self.process_group)
-        self.metrics["bytes_diagnostic"] += ring_allreduce_bytes(flat.numel() * 8, self.world_size)
+        self.bytes.add(ring_allreduce_bytes(flat.numel() * 8, self.world_size), "bytes_diagnostic")
         flat /= self.world_size
         out, pos = {}, 0
         for n, p in self._named:
@@ -358,40 +378,31 @@ class GradientTracking:
         return out
 
     # -- checkpoints
-    def options(self) -> dict:
-        return {"topology": self.topology.describe(), "compressor_y": self.compressor_y.name,
-                "compressor_y_options": self.compressor_y.options(), "compressor_x": self.compressor_x.name,
-                "compressor_x_options": self.compressor_x.options(), "gamma_x": self.gamma_x,
-                "gamma_y": self.gamma_y, "tracking": self.tracking, "seed": self.seed,
-                "prox": None if self.prox is None else {"name": self.prox.name, **self.prox.options()},
-                "prox_params": sorted(self._prox_names), "world_size": self.world_size}
-
     def state_dict(self) -> dict:
-        """Step, metrics, the tracker (``y_i``, the last gradient, the estimates of compressed
-        mixing) and the model-mixing estimates. The model and the optimizer are saved by you
-        (``model.state_dict()``, ``optimizer.state_dict()``)."""
+        """Step, byte counts, the tracker (``y_i``, the last gradient, the estimates of
+        compressed mixing) and the model-mixing estimates. The model and the optimizer are saved
+        by you (``model.state_dict()``, ``optimizer.state_dict()``)."""
         return {"algorithm": "gradient_tracking", "options": self.options(), "step": self.step_count,
-                "metrics": dict(self.metrics), "mixer_x": self.mixer_x.store.to_dict(),
-                "mixer_x_bytes_sent": self.mixer_x.bytes_sent,
+                "bytes": self.bytes.state_dict(), "diagnostics": dict(self.diagnostics),
+                "mixer_x": self.mixer_x.store.to_dict(),
                 "tracker": self.hook_state.state_dict() if self.hook_state is not None else self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; refused, before anything changes, if it is not a
+        GradientTracking checkpoint or was made with other options."""
         if state.get("algorithm") != "gradient_tracking":
             raise ValueError(f"commcomp: not a GradientTracking checkpoint (algorithm={state.get('algorithm')!r})")
-        saved, mine = state.get("options", {}), self.options()
-        diff = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
-        if diff:
-            raise ValueError(f"commcomp: checkpoint options differ from this GradientTracking's (saved, current): "
-                             f"{diff}; create it with the saved options to resume")
+        self._check_saved_options(state.get("options", {}))
         if self.hook_state is not None:
             self.hook_state.load_state_dict(state["tracker"])
         else:
             self.tracker.load_state_dict(state["tracker"])
         self.mixer_x.store.load(state["mixer_x"])
-        self.mixer_x.bytes_sent = int(state.get("mixer_x_bytes_sent", 0))
         self.mixer_x.store.get(self._names, self._lengths, self._flat_params())
+        old = state.get("metrics", {})  # (checkpoints before the byte counter kept them there)
+        self.bytes.load_state_dict(state.get("bytes") or {k: old[k] for k in self.bytes if k in old})
+        self.diagnostics = dict(state.get("diagnostics", {}))
         self.step_count = int(state["step"])
-        self.metrics = dict(state["metrics"])
 
     def __repr__(self) -> str:
         kind = "DProxSGT" if self.compressor_x.name == "identity" and self.compressor_y.name == "identity" \
@@ -401,12 +412,6 @@ class GradientTracking:
         return (f"GradientTracking({kind}, topology={self.topology.name}, n={self.world_size}, "
                 f"compressor_y={self.compressor_y.name}, compressor_x={self.compressor_x.name}, "
                 f"gamma=({self.gamma_x}, {self.gamma_y}), prox={None if self.prox is None else self.prox.name})")
-
-
-def _mix_seed(*parts: int) -> int:
-    from commcomp.hooks._common import mix_seed
-
-    return mix_seed(*parts)
 
 
 __all__ = ["GradientTracking"]

@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from commcomp.codecs import Compressor, Ternary, make_compressor
-from commcomp.codecs.base import Identity
+from commcomp.codecs import Compressor, Identity, RandomK, Ternary, TopK, make_compressor
+from commcomp.utils import validate
+from commcomp.utils.metrics import ByteCounter
 
 from .exchange import Inflight, NeighbourExchange
 
@@ -44,6 +45,28 @@ def make_mixing_compressor(spec) -> Compressor:
         warnings.warn(f"commcomp: {comp!r} is not contractive; compressed mixing may diverge with it "
                       "(use Ternary(contractive=True), TopK, or RandomK without rescale)", stacklevel=3)
     return comp
+
+
+def default_gamma(compressor) -> float:
+    """Consensus step size when none is given: 1 for exact mixing (plain gossip); 0.2 for the
+    contractive ternary codec; for top-k / random-k, 2.5x the kept fraction, capped at 0.5 (0.05
+    at 2%); 0.1 for other compressors. Compressed gossip needs gamma of the order of the
+    compressor's contraction: larger values let the estimates' errors grow faster than mixing
+    removes them and the ranks' models drift apart (measured in docs/decentralized.md). Tune it
+    for your compressor and graph."""
+    if isinstance(compressor, Identity):
+        return 1.0
+    if isinstance(compressor, Ternary):
+        return 0.2
+    if isinstance(compressor, (TopK, RandomK)) and getattr(compressor, "k", None) is None:
+        return min(0.5, 2.5 * compressor.ratio)
+    return 0.1
+
+
+def check_gamma(gamma, name: str) -> float:
+    """A consensus step size in (0, 1]."""
+    return validate.fraction(gamma, name, hint="1 is plain gossip, smaller values damp compression error "
+                                               "(try 0.2-0.8 with a compressor)")
 
 
 def check_static(compressor: Compressor, topology) -> None:
@@ -159,10 +182,13 @@ class Mixer:
         init: the estimates' starting value per parameter (``hat_i = acc_i = init``); every rank
             must start from values its neighbours can reproduce (zeros, or an initial model all
             ranks share).
+        counter: the :class:`~commcomp.utils.ByteCounter` its messages are counted in (default:
+            its own, ``self.bytes``); ``label``: a further counter of ``counter`` they also go to.
     """
 
     def __init__(self, exchange: NeighbourExchange, compressor: Compressor, gamma: float,
-                 init: Optional[Callable[[str, int], torch.Tensor]] = None):
+                 init: Optional[Callable[[str, int], torch.Tensor]] = None,
+                 counter: Optional[ByteCounter] = None, label: Optional[str] = None):
         self.exchange = exchange
         self.compressor = compressor
         self.gamma = float(gamma)
@@ -175,7 +201,8 @@ class Mixer:
             return init(name, n).to(device=like.device, dtype=like.dtype).reshape(-1).clone()
 
         self.store = FlatStore(2, first)  # var 0: hat_i, var 1: acc_i
-        self.bytes_sent = 0
+        self.bytes = counter if counter is not None else ByteCounter()
+        self._labels = (label,) if label else ()
 
     def start(self, v: torch.Tensor, names: Sequence[str], lengths: Sequence[int], step: int, seed: int) -> _Round:
         """Compress and send this rank's message for ``v`` (1-D); receive the neighbours'."""
@@ -183,7 +210,7 @@ class Mixer:
         if self.exact:
             payload, ctx = self.compressor.compress(v, segments=lengths)
             inflight = ex.start(payload, payload.numel(), step)
-            self.bytes_sent += payload.numel() * ex.fan_out(step)
+            self.bytes.sent(payload.numel() * ex.fan_out(step), *self._labels)
             return _Round(inflight, v, None, ctx)
         vw = v.to(wide(v.dtype))
         hat, acc = self.store.get(names, lengths, vw)
@@ -192,7 +219,7 @@ class Mixer:
             diff = diff.float()
         payload, ctx = self.compressor.compress(diff, seed=seed, segments=lengths)
         inflight = ex.start(payload, payload.numel(), step)
-        self.bytes_sent += payload.numel() * ex.fan_out(step)
+        self.bytes.sent(payload.numel() * ex.fan_out(step), *self._labels)
         q = self.compressor.decompress(payload, ctx).to(hat.dtype)  # what the neighbours decode
         hat.add_(q)
         acc.add_(q, alpha=ex.topology.self_weight(ex.rank, step))
@@ -218,4 +245,4 @@ class Mixer:
         return out.mul_(self.gamma).add_(v)
 
 
-__all__ = ["FlatStore", "Mixer"]
+__all__ = ["FlatStore", "Mixer", "check_gamma", "default_gamma"]

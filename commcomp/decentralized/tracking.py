@@ -17,11 +17,13 @@ state is poisoned, and the event is counted in ``nonfinite_steps``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from commcomp.codecs import Compressor
+from commcomp.utils import mix_seed
+from commcomp.utils.metrics import ByteCounter
 
 from .exchange import NeighbourExchange
 from .mixing import FlatStore, Mixer, wide
@@ -45,21 +47,19 @@ class Tracker:
         gamma: consensus step size of the ``y`` mixing.
         tracking: ``False`` for decentralized SGD without tracking (nothing is sent for ``y``).
         seed: base of the compressor's random streams (per rank, step and bucket).
+        counter, label: where its messages are counted (see :class:`Mixer`).
     """
 
     def __init__(self, exchange: NeighbourExchange, compressor: Compressor, gamma: float,
-                 tracking: bool = True, seed: int = 0):
+                 tracking: bool = True, seed: int = 0, counter: Optional[ByteCounter] = None,
+                 label: Optional[str] = None):
         self.exchange = exchange
         self.tracking = bool(tracking)
         self.seed = int(seed)
-        self.mixer = Mixer(exchange, compressor, gamma) if self.tracking else None
+        self.mixer = Mixer(exchange, compressor, gamma, counter=counter, label=label) if self.tracking else None
         self.store = FlatStore(2, _zeros)  # var 0: y_i, var 1: the previous gradient g_i
         self._nonfinite = None
         self._step_bad = None
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.mixer.bytes_sent if self.mixer is not None else 0
 
     @property
     def nonfinite_steps(self) -> int:
@@ -69,8 +69,6 @@ class Tracker:
               last: bool = True) -> _Started:
         """Form ``y^{t-1/2}`` from the flat gradient `g` and launch its mixing. `last` marks the
         step's last bucket (the non-finite count advances once per step)."""
-        from commcomp.hooks._common import mix_seed
-
         gw = g.to(wide(g.dtype))
         y, g_prev = self.store.get(names, lengths, gw)
         ok = torch.isfinite(gw).all()
@@ -103,7 +101,6 @@ class Tracker:
         out = {"tracked": self.store.to_dict(), "nonfinite_steps": self.nonfinite_steps}
         if self.mixer is not None:
             out["mixer"] = self.mixer.store.to_dict()
-            out["mixer_bytes_sent"] = self.mixer.bytes_sent
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -111,7 +108,6 @@ class Tracker:
         self._nonfinite = torch.tensor(int(state.get("nonfinite_steps", 0)))
         if self.mixer is not None:
             self.mixer.store.load(state.get("mixer", {}))
-            self.mixer.bytes_sent = int(state.get("mixer_bytes_sent", 0))
 
 
 __all__ = ["Tracker"]

@@ -5,19 +5,24 @@
 ...                           clip_norm=1.0)
 >>> state = commcomp.register(ddp_model, "gradient_coding", s=1, code="cyclic")
 >>> gt = commcomp.decentralized.GradientTracking(ddp_model, 0.05, topology="ring")  # registers "gradient_tracking"
+
+The gradient-tracking hook lives with its algorithm in :mod:`commcomp.decentralized.hook`;
+every hook follows the contract of :class:`commcomp.core.HookState` (docs/writing_a_hook.md).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple, Type
 
-from ._common import HookStateBase
+from commcomp import core
+from commcomp.core import HookState
+from commcomp.decentralized.hook import GradientTrackingState, gradient_tracking_hook
+
 from .gradient_coding import GradientCodingState, gradient_coding_hook
-from .gradient_tracking import GradientTrackingState, gradient_tracking_hook
 from .sketch_dp import SketchDPState, sketch_dp_hook
 from .terngrad import TernGradState, terngrad_hook
 
-HOOKS: Dict[str, Tuple[Type[HookStateBase], Callable]] = {
+HOOKS: Dict[str, Tuple[Type[HookState], Callable]] = {
     "terngrad": (TernGradState, terngrad_hook),
     "sketch_dp": (SketchDPState, sketch_dp_hook),
     "gradient_coding": (GradientCodingState, gradient_coding_hook),
@@ -25,25 +30,22 @@ HOOKS: Dict[str, Tuple[Type[HookStateBase], Callable]] = {
 }
 
 
-def register(model, name: str, **options) -> HookStateBase:
+def register(model, name: str, **options) -> HookState:
     """Register the hook called `name` on a DistributedDataParallel model; returns its state.
 
-    Options go to the hook's state class (e.g. :class:`TernGradState`); ``process_group``
-    defaults to the model's.
+    Options go to the hook's state class (e.g. :class:`TernGradState`). The hook's collectives
+    run on a process group of its own with the same ranks as ``process_group`` (default: the
+    model's), created at the first registration on that group: DDP's own collectives
+    (``find_unused_parameters``, buffer broadcasts) cannot interleave with them. Registration
+    is a collective: every rank of the group registers, with the same options (checked here;
+    a mismatch raises on every rank and the model keeps no hook).
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    if not isinstance(model, DistributedDataParallel):
-        raise TypeError(f"commcomp.register needs a DistributedDataParallel model, got {type(model).__name__}")
     if name not in HOOKS:
         raise ValueError(f"commcomp: unknown hook {name!r}; available: {sorted(HOOKS)}")
     state_cls, hook = HOOKS[name]
-    options.setdefault("process_group", model.process_group)
-    state = state_cls(**options)
-    state.attach(model)
-    model.register_comm_hook(state, hook)
-    return state
+    return core.register(model, state_cls, hook, **options)
 
 
-__all__ = ["HOOKS", "GradientCodingState", "GradientTrackingState", "HookStateBase", "SketchDPState", "TernGradState",
-           "gradient_coding_hook", "gradient_tracking_hook", "register", "sketch_dp_hook", "terngrad_hook"]
+__all__ = ["HOOKS", "GradientCodingState", "GradientTrackingState", "HookState", "SketchDPState",
+           "TernGradState", "gradient_coding_hook", "gradient_tracking_hook", "register", "sketch_dp_hook",
+           "terngrad_hook"]

@@ -29,8 +29,8 @@ second step on. ``state.reduce_(params)`` does the same for loops without DDP.
 """
 
 import collections
-import threading
 import time
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -38,11 +38,16 @@ import torch.distributed as dist
 
 from commcomp.coding import codes as _codes
 from commcomp.coding.coordinator import CodedAggregator
-from commcomp.collectives import comm_thread, ring_allreduce_bytes
-from commcomp.hooks._common import HookStateBase, write_flat_grads_
+from commcomp.core import HookState, Option, write_flat_grads_
+from commcomp.utils import validate
 
 
-class GradientCodingState(HookStateBase):
+def _is_world(group) -> bool:
+    """Whether ``group`` holds every rank in world order (MPI numbers ranks by COMM_WORLD)."""
+    return group is None or dist.get_process_group_ranks(group) == list(range(dist.get_world_size()))
+
+
+class GradientCodingState(HookState):
     """Options of the gradient-coding hook, and its coordinator.
 
     Args:
@@ -57,49 +62,45 @@ class GradientCodingState(HookStateBase):
     """
 
     name = "gradient_coding"
+    OPTIONS = (
+        Option("s", partial(validate.integer, low=0)),
+        Option("code_name"),
+        Option("code_seed", validate.seed),
+        Option("code_digest"),
+        Option("coordinator", partial(validate.integer, low=0)),
+        Option("transport", partial(validate.choice, allowed=("torch", "mpi"))),
+        Option("timeout", validate.positive, per_rank=True),
+    )
 
     def __init__(self, process_group=None, s: Optional[int] = None, code="cyclic", n: Optional[int] = None,
                  code_seed: int = 0, coordinator: int = 0, timeout: float = 300.0, transport: str = "torch"):
         super().__init__(process_group)
-        if n is not None and int(n) != self.world_size:
-            raise ValueError(f"commcomp: gradient_coding got n={n} but the group has {self.world_size} ranks; "
+        if n is not None and n != self.world_size:
+            raise ValueError(f"commcomp: gradient_coding got n={n!r} but the group has {self.world_size} ranks; "
                              "every rank is one worker of the code: pass n = world size (or leave it out)")
-        if not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"commcomp: timeout must be a positive number of seconds, got {timeout!r}")
-        if transport == "mpi" and process_group not in (None, dist.group.WORLD):
+        if transport == "mpi" and not _is_world(process_group):
             raise ValueError("commcomp: transport='mpi' numbers ranks by MPI.COMM_WORLD; it cannot follow a torch "
-                             "process group: use the default group, or transport='torch'")
+                             "process group of other ranks: use the whole world, or transport='torch'")
         if isinstance(code, str):
-            self.code = _codes.make_code(code, self.world_size, 1 if s is None else int(s), seed=int(code_seed))
-        else:
-            self.code = code
-            if code.n != self.world_size or (s is not None and code.s != s):
-                raise ValueError(f"commcomp: the given code has (n={code.n}, s={code.s}); this group needs "
-                                 f"n={self.world_size}" + ("" if s is None else f" and s={s}"))
-        self.s, self.code_name, self.code_seed = self.code.s, self.code.name, int(code_seed)
-        self.coordinator, self.timeout, self.transport = int(coordinator), float(timeout), transport
-        self.aggregator: Optional[CodedAggregator] = None
-        self._base_bytes = 0  # bytes_sent restored from a checkpoint
+            code = _codes.make_code(code, self.world_size, 1 if s is None else validate.integer(s, "s", low=0),
+                                    seed=validate.seed(code_seed, "code_seed"))
+        elif code.n != self.world_size or (s is not None and code.s != s):
+            raise ValueError(f"commcomp: the given code has (n={code.n}, s={code.s}); this group needs "
+                             f"n={self.world_size}" + ("" if s is None else f" and s={s}"))
+        self._set_options(s=code.s, code_name=code.name, code_seed=code_seed, code_digest=code.digest(),
+                          coordinator=coordinator, transport=transport, timeout=timeout)
+        self.code = code
         # seconds from this rank's first bucket to its last result, for the last 1000 steps
         self.round_times: collections.deque = collections.deque(maxlen=1000)
-        self._metrics_lock = threading.Lock()
         self._round_start: Optional[float] = None
-        self._aggregator()  # validate transport and coordinator now, on every rank
-
-    def _aggregator(self) -> CodedAggregator:
-        if self.aggregator is None:
-            self.aggregator = CodedAggregator(self.code, self.process_group, self.coordinator, self.timeout,
-                                              self.transport)
-        return self.aggregator
-
-    def options(self) -> dict:
-        return {"s": self.s, "code": self.code_name, "code_seed": self.code_seed, "code_digest": self.code.digest(),
-                "coordinator": self.coordinator, "transport": str(self.transport)}
+        # validates transport and coordinator now, on every rank; counts its sends in metrics
+        self.aggregator = CodedAggregator(self.code, self.process_group, self.coordinator, self.timeout,
+                                          self.transport, counter=self.metrics)
 
     @property
     def dead_ranks(self) -> Dict[int, str]:
         """Ranks the coordinator has given up on (crashed), with the reason."""
-        return dict(self._aggregator().dead)
+        return {r: self.aggregator.dead[r] for r in self.aggregator._dead_set()}
 
     def _extra_state(self) -> dict:
         return {"code": self.code.to_dict()}
@@ -108,34 +109,22 @@ class GradientCodingState(HookStateBase):
         """Restore step and metrics into a **fresh** state (before its first step: messages of
         a running state's rounds may still be in flight, and would be taken for the restored
         rounds). Checked before anything changes."""
-        if self.aggregator is not None and self.aggregator.metrics["rounds"] + self.aggregator.bytes_sent > 0:
+        if self.aggregator.metrics["rounds"] + self.metrics["bytes_sent"] > 0:
             raise RuntimeError("commcomp: load a gradient-coding checkpoint into a fresh state (before its first "
                                "step): messages of this state's rounds may still be in flight")
         saved = state.get("code")
         if saved is not None and saved != self.code.to_dict():
             raise ValueError(f"commcomp: checkpoint was made with code {saved}, this state has {self.code.to_dict()}")
         super().load_state_dict(state)
-        self._base_bytes = int(self.metrics.get("bytes_sent", 0))
-
-    def _sync_bytes(self) -> None:
-        """bytes_sent mirrors the aggregator's counter (updated from two threads: the backward
-        pass sends, the comm thread sends the coordinator's results)."""
-        with self._metrics_lock:
-            self.metrics["bytes_sent"] = self._base_bytes + self._aggregator().bytes_sent
 
     def _start(self, key, coded: torch.Tensor):
-        agg = self._aggregator()
         if key[1] == 0:
             self._round_start = time.monotonic()
-        started = agg.start(key, coded)
-        with self._metrics_lock:
-            self.add_fp32_bytes(ring_allreduce_bytes(coded.numel() * 4, self.world_size))
-        self._sync_bytes()
-        return started
+        self.metrics.fp32_allreduce(coded.numel(), self.world_size)
+        return self.aggregator.start(key, coded)
 
     def _finish(self, started, last: bool) -> torch.Tensor:
-        out = self._aggregator().finish(started)
-        self._sync_bytes()
+        out = self.aggregator.finish(started)
         if last and self._round_start is not None:
             self.round_times.append(time.monotonic() - self._round_start)
         return out
@@ -146,7 +135,7 @@ class GradientCodingState(HookStateBase):
         params = [p for p in params if p.grad is not None]
         if not params:
             raise ValueError("commcomp: reduce_ got no parameter with a gradient; call it after backward()")
-        self.check_first_step(params[0].grad.device)
+        self.check_options(params[0].grad.device)
         flat = torch.cat([p.grad.detach().reshape(-1) for p in params])
         write_flat_grads_(params, self._finish(self._start((self.step, 0), flat), last=True))
         self.step += 1
@@ -154,15 +143,14 @@ class GradientCodingState(HookStateBase):
     def close(self, timeout: Optional[float] = None) -> bool:
         """Deliver what is in flight and stop the coordinator's threads (every rank, before
         ``destroy_process_group``). False if peers never caught up within ``timeout``."""
-        comm_thread().shutdown(self.timeout if timeout is None else timeout)  # the queued buckets first
-        if self.aggregator is None:
-            return True
-        return self.aggregator.close(timeout)
+        timeout = self.timeout if timeout is None else timeout
+        queued = super().close(timeout)  # this state's queued buckets first
+        return self.aggregator.close(timeout) and queued
 
     def metrics_summary(self) -> dict:
         """``metrics`` plus the coordinator's view: rounds decoded, late buckets dropped,
         seconds waited for survivors, survivor-set sizes, dead ranks, backlog per peer."""
-        agg = self._aggregator()
+        agg = self.aggregator
         return {**self.metrics, **agg.metrics, "survivor_counts": dict(agg.survivor_counts),
                 "dead_ranks": sorted(agg._dead_set()), "lag": agg.lag()}
 
@@ -170,9 +158,8 @@ class GradientCodingState(HookStateBase):
 def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
     """DDP communication hook: decode the bucket's average from the first n - s coded buckets."""
+    state.require_registered()
     buf = bucket.buffer()
-    if not state._checked:
-        state.check_first_step(buf.device)  # one all-gather, at the first step only
     key, last = (state.step, bucket.index()), bucket.is_last()
     started = state._start(key, buf)  # sends now, from the backward pass: no waiting
     if last:
@@ -182,7 +169,7 @@ def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) ->
         buf.copy_(state._finish(started, last))
         return buf
 
-    return comm_thread().submit(job, buf)
+    return state.submit(job, buf)
 
 
 __all__ = ["GradientCodingState", "gradient_coding_hook"]

@@ -52,21 +52,21 @@ Example::
 """
 
 import math
-import numbers
 import threading
+from functools import partial
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from commcomp import collectives
 from commcomp.codecs import sketch as sketches
-from commcomp.collectives.futures import new_future
+from commcomp.collectives import new_future
+from commcomp.core import HookState, Option, write_flat_grads_
 from commcomp.privacy import accounting
 from commcomp.privacy.mechanisms import NoiseSource, clip_coefficient, clip_per_sample_
-
-from ._common import HookStateBase, mix_seed, write_flat_grads_
+from commcomp.utils import mix_seed, validate
+from commcomp.utils.metrics import ring_allreduce_bytes
 
 LEVELS = ("client", "record")
 CLIP_SCOPES = ("model", "bucket")
@@ -79,22 +79,12 @@ _RECORD_NOT_A_HOOK = (
     "state.reduce_(params, batch_size=...)")
 
 
-def _positive(v, name: str, allow_none: bool = False) -> Optional[float]:
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"commcomp: {name} must be a finite number > 0{extra}, got {v!r}")
-    return float(v)
+def _checker(fn):
+    """An accounting check ``fn(value)`` as an option check ``(value, name)``."""
+    return lambda v, name: fn(v)
 
 
-def _choice(v, name: str, allowed: Sequence[str]) -> str:
-    if v not in allowed:
-        raise ValueError(f"commcomp: {name} must be one of {tuple(allowed)}, got {v!r}")
-    return v
-
-
-class SketchDPState(HookStateBase):
+class SketchDPState(HookState):
     """Options, privacy ledger and buffers of :func:`sketch_dp_hook`.
 
     Args:
@@ -140,7 +130,23 @@ class SketchDPState(HookStateBase):
     """
 
     name = "sketch_dp"
-    per_rank_options = ("num_records",)  # each rank's own data size
+    OPTIONS = (
+        Option("sketch_ratio", _checker(sketches.check_ratio)),
+        Option("sketch", _checker(sketches.check_kind)),
+        Option("block", partial(validate.power_of_two, allow_none=True)),
+        Option("noise_multiplier"),  # checked (or calibrated) in __init__
+        Option("clip_norm", partial(validate.positive, allow_none=True)),
+        Option("level", partial(validate.choice, allowed=LEVELS)),
+        Option("clip_scope", partial(validate.choice, allowed=CLIP_SCOPES)),
+        Option("noise_placement", partial(validate.choice, allowed=PLACEMENTS)),
+        Option("sample_rate", _checker(accounting.check_sample_rate)),
+        Option("accountant", _checker(accounting.check_accountant)),
+        Option("sketch_seed", validate.seed),
+        Option("adjacency", _checker(accounting.check_adjacency)),
+        Option("num_records", partial(validate.integer, low=1, allow_none=True,
+                                      hint="this rank's number of records; level='record' needs it to "
+                                           "check target_delta < 1/num_records"), per_rank=True),
+    )
 
     def __init__(self, process_group=None, sketch_ratio: float = 0.01, sketch: str = "countsketch",
                  noise_multiplier: Optional[float] = None, clip_norm: Optional[float] = None,
@@ -150,46 +156,28 @@ class SketchDPState(HookStateBase):
                  accountant: str = "rdp", sketch_seed: int = 0, noise_seed: Optional[int] = None,
                  block: Optional[int] = None, adjacency: Optional[str] = None,
                  num_records: Optional[int] = None):
-        self.sketch_ratio = sketches.check_ratio(sketch_ratio)
-        self.sketch = sketches.check_kind(sketch)
-        self.clip_norm = _positive(clip_norm, "clip_norm", allow_none=True)
-        self.level = _choice(level, "level", LEVELS)
-        self.clip_scope = _choice(clip_scope, "clip_scope", CLIP_SCOPES)
-        self.noise_placement = _choice(noise_placement, "noise_placement", PLACEMENTS)
-        self.sample_rate = accounting.check_sample_rate(sample_rate)
-        self.accountant = accounting.check_accountant(accountant)
+        self._set_options(
+            sketch_ratio=sketch_ratio, sketch=sketch, block=block, clip_norm=clip_norm, level=level,
+            clip_scope=clip_scope, noise_placement=noise_placement, sample_rate=sample_rate,
+            accountant=accountant, sketch_seed=sketch_seed, num_records=num_records,
+            adjacency=DEFAULT_ADJACENCY.get(level, "replace") if adjacency is None else adjacency)
         self.target_delta = accounting.check_delta(target_delta)
-        self.adjacency = accounting.check_adjacency(
-            DEFAULT_ADJACENCY[self.level] if adjacency is None else adjacency)
-        if block is not None and (not isinstance(block, int) or block < 1 or block & (block - 1)):
-            raise ValueError(f"commcomp: block must be a power of two or None, got {block!r}")
-        if not isinstance(sketch_seed, int) or isinstance(sketch_seed, bool) or not 0 <= sketch_seed < 2**63:
-            raise ValueError(f"commcomp: sketch_seed must be an int in [0, 2**63), got {sketch_seed!r}")
-        if noise_seed is not None and (not isinstance(noise_seed, int) or isinstance(noise_seed, bool)):
-            raise ValueError(f"commcomp: noise_seed must be None (secure) or an int, got {noise_seed!r}")
+        validate.integer(noise_seed, "noise_seed", allow_none=True, hint="None (the default) is secure")
         if self.level == "record" and self.noise_placement != "gradient":
             raise ValueError("commcomp: level='record' needs noise_placement='gradient' (the noise "
                              "goes on the sum of per-sample clipped gradients)")
         if self.level == "record" and self.clip_norm is None:
             raise ValueError("commcomp: level='record' needs clip_norm (the per-sample bound)")
-        self.num_records = None
-        if num_records is not None or self.level == "record":
-            if isinstance(num_records, bool) or not isinstance(num_records, numbers.Integral) or num_records < 1:
-                raise ValueError(
-                    f"commcomp: num_records must be an int >= 1 (this rank's number of records), got "
-                    f"{num_records!r}; level='record' needs it to check target_delta < 1/num_records")
-            self.num_records = int(num_records)
-            if self.target_delta >= 1.0 / self.num_records:
-                raise ValueError(
-                    f"commcomp: target_delta={self.target_delta} is not below 1/num_records = "
-                    f"1/{self.num_records}: a mechanism that publishes one record in the clear "
-                    f"with probability delta would satisfy it; use delta << 1/{self.num_records}")
-        if noise_multiplier is not None and not (
-                isinstance(noise_multiplier, numbers.Real) and not isinstance(noise_multiplier, bool)
-                and math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        if self.level == "record" and self.num_records is None:
+            raise ValueError("commcomp: level='record' needs num_records (this rank's number of records) "
+                             "to check target_delta < 1/num_records")
+        if self.num_records is not None and self.target_delta >= 1.0 / self.num_records:
             raise ValueError(
-                f"commcomp: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
-                "pass None for no noise (no privacy), or target_epsilon to calibrate it")
+                f"commcomp: target_delta={self.target_delta} is not below 1/num_records = "
+                f"1/{self.num_records}: a mechanism that publishes one record in the clear "
+                f"with probability delta would satisfy it; use delta << 1/{self.num_records}")
+        validate.positive(noise_multiplier, "noise_multiplier", allow_none=True,
+                          hint="None is no noise (no privacy); or give target_epsilon to calibrate it")
         self.target_epsilon, self.planned_steps = None, None
         if target_epsilon is not None:
             if noise_multiplier is not None:
@@ -215,7 +203,6 @@ class SketchDPState(HookStateBase):
                                           self.adjacency)
         super().__init__(process_group)
         self.ledger = ledger
-        self.sketch_seed, self.block = sketch_seed, block
         if noise_seed is not None:
             warnings.warn(
                 "commcomp sketch_dp: noise_seed is set, so the DP noise is repeatable -- and "
@@ -230,22 +217,12 @@ class SketchDPState(HookStateBase):
         self._open_parts = 0  # bucket scope: buckets of the current step released so far
         self._clipped: Dict[int, Tuple[torch.Tensor, int]] = {}  # record level: id(p) -> (grad, version)
         self._lock = threading.Lock()
-        self._attached = False  # commcomp.register ran attach (the side-channel checks)
         self._pending: List[tuple] = []  # model scope: (index, x, buf, future) until the last bucket
 
-    # -- options, checkpoints, accounting
-    def options(self) -> dict:
-        return {"sketch_ratio": self.sketch_ratio, "sketch": self.sketch, "block": self.block,
-                "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
-                "level": self.level, "clip_scope": self.clip_scope,
-                "noise_placement": self.noise_placement, "sample_rate": self.sample_rate,
-                "accountant": self.accountant, "sketch_seed": self.sketch_seed,
-                "adjacency": self.adjacency, "num_records": self.num_records}
-
+    # -- registration, checkpoints, accounting
     def attach(self, model) -> None:
-        """At registration: refuse DDP modes that send data-dependent values in the clear, then
-        check the options across ranks (a collective; every rank registers), so a mismatch is
-        an error here and the model keeps no hook."""
+        """At registration: refuse DDP modes that send data-dependent values in the clear
+        (``commcomp.register`` then checks the options across ranks)."""
         if self.level == "record":
             raise ValueError(_RECORD_NOT_A_HOOK)
         if self.noise_multiplier > 0:
@@ -265,9 +242,6 @@ class SketchDPState(HookStateBase):
                     "only keeps them off the wire: data-dependent, un-noised statistics then stay "
                     "in each rank's model, so do it only if that model is never shared")
         super().attach(model)
-        self._attached = True
-        param = next(iter(model.parameters()), None)
-        self.check_first_step(param.device if param is not None else torch.device("cpu"))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint (checked before anything changes). A ledger with fewer released
@@ -366,7 +340,7 @@ class SketchDPState(HookStateBase):
         """Privatize and average flat float32 vectors ``[(index, x), ...]``: returns the
         de-sketched averages. ``last``: the step's last release (bucket scope: its buckets
         are one mechanism, accounted when the last is sent). Blocking; runs on the
-        communication thread."""
+        executor thread."""
         world = self.world_size
         self._check_budget()
         msg, sks, bad = self.encode(parts, step, clip)
@@ -375,8 +349,8 @@ class SketchDPState(HookStateBase):
             self.ledger.record(parts=self._open_parts)
             self._open_parts = 0
         dist.all_reduce(msg, group=self.process_group)
-        self.add_bytes(collectives.ring_allreduce_bytes(4 * msg.numel(), world))
-        self.add_fp32_bytes(sum(collectives.ring_allreduce_bytes(4 * x.numel(), world) for _, x in parts))
+        self.metrics.sent(ring_allreduce_bytes(4 * msg.numel(), world))
+        self.metrics.fp32_allreduce(sum(x.numel() for _, x in parts), world)
         # Only now: a warning turned into an error must not keep this rank from sending.
         if self.private and bool(bad):
             self.nonfinite_steps += 1
@@ -455,7 +429,7 @@ class SketchDPState(HookStateBase):
         grads = [p.grad.detach().reshape(-1).float() for p in params]
         flat = torch.cat(grads)
         parts = list(enumerate(torch.split(flat, chunk_numel)))
-        self.check_first_step(flat.device)
+        self.check_options(flat.device)
         avg = torch.cat(self.release(parts, self.step, clip=self.level == "client"))
         if batch_size is not None:
             avg /= float(batch_size)
@@ -469,15 +443,11 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
     """DDP communication hook: average the bucket as clipped, noised, sketched gradients.
 
     With ``clip_scope="model"`` the buckets wait for the last one (one norm over the model),
-    then all are released in one all-reduce on the communication thread.
+    then all are released in one all-reduce on the executor thread.
     """
     if state.level == "record":
         raise RuntimeError(_RECORD_NOT_A_HOOK)
-    if not state._attached:
-        raise RuntimeError(
-            "commcomp sketch_dp: register the hook with commcomp.register(ddp_model, 'sketch_dp', "
-            "...), not ddp_model.register_comm_hook: registration refuses DDP modes that send "
-            "data in the clear and checks the options across ranks")
+    state.require_registered()
     buf = bucket.buffer()
     x = buf.detach().to(torch.float32, copy=True)
     index, step, last = bucket.index(), state.step, bucket.is_last()
@@ -485,21 +455,19 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
         state._check_budget()
     if last:
         state.step += 1
-    thread = collectives.comm_thread()
     if state.clip_scope == "bucket":
-        return thread.submit(lambda: _finish(state, [(index, x, buf, None)], step, last), buf)
+        return state.submit(lambda: _finish(state, [(index, x, buf, None)], step, last), buf)
     state._pending.append((index, x, buf, new_future(buf) if not last else None))
     if not last:
         return state._pending[-1][3]
     parts, state._pending = state._pending, []
-    return thread.submit(lambda: _finish(state, parts, step), buf)
+    return state.submit(lambda: _finish(state, parts, step), buf)
 
 
 def _finish(state: SketchDPState, parts: list, step: int, last: bool = True) -> torch.Tensor:
-    """Release ``parts`` (on the communication thread), complete their futures, return the
+    """Release ``parts`` (on the executor thread), complete their futures, return the
     last bucket's result. On failure every future gets the error and the step is undone."""
     try:
-        state.check_first_step(parts[-1][2].device)
         avgs = state.release([(index, x) for index, x, _, _ in parts], step, last=last)
     except BaseException as exc:
         state.step = step

@@ -27,92 +27,68 @@ Example::
 """
 
 import logging
-import numbers
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from commcomp import collectives, ops
-from commcomp.collectives.futures import all_reduce
-
-from ._common import HookStateBase, bucket_lengths, mix_seed
+from commcomp import collectives, ops, perfmodel
+from commcomp.collectives import all_reduce
+from commcomp.core import HookState, Option, bucket_lengths
+from commcomp.utils import mix_seed, validate
+from commcomp.utils.metrics import ring_allreduce_bytes
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_NAMES = ("auto", "int8", "allgather", "two_phase")
 
 
-class TernGradState(HookStateBase):
+class TernGradState(HookState):
     """Options and buffers of :func:`terngrad_hook`.
 
     Args:
-        process_group: the group to average over (default: the whole world).
+        process_group: the group to average over (default: the DDP model's).
         clip_factor: clip each layer to ``clip_factor * sigma`` before ternarizing (paper:
             2.5). ``None`` turns clipping off (the scalar is then max |g|).
         collective: ``"auto"`` (default), ``"int8"``, ``"allgather"`` or ``"two_phase"``.
         error_feedback: keep the ternarization residual and add it to the next gradient.
         min_compress_numel: layers with fewer elements are sent uncompressed (fp32).
         seed: base of every rank's random stream; must be the same on all ranks.
-        link: a :class:`commcomp.collectives.LinkModel` for ``"auto"``.
+        link: a :class:`commcomp.perfmodel.LinkModel` for ``"auto"``.
     """
 
     name = "terngrad"
+    OPTIONS = (
+        Option("clip_factor", partial(validate.positive, allow_none=True)),
+        Option("collective", partial(validate.choice, allowed=COLLECTIVE_NAMES)),
+        Option("error_feedback", validate.boolean),
+        Option("min_compress_numel", partial(validate.integer, low=0)),
+        Option("seed", validate.seed),
+    )
 
     def __init__(self, process_group=None, clip_factor: Optional[float] = 2.5,
                  collective: str = "auto", error_feedback: bool = False,
                  min_compress_numel: int = 1024, seed: int = 0,
-                 link: collectives.LinkModel = collectives.LinkModel()):
-        if clip_factor is not None and (
-            isinstance(clip_factor, bool) or not isinstance(clip_factor, numbers.Real) or not clip_factor > 0
-        ):
-            raise ValueError(f"clip_factor must be a number > 0 or None (no clipping), got {clip_factor!r}")
-        if collective not in COLLECTIVE_NAMES:
-            raise ValueError(f"collective must be one of {COLLECTIVE_NAMES}, got {collective!r}")
-        if not isinstance(min_compress_numel, int) or min_compress_numel < 0:
-            raise ValueError(f"min_compress_numel must be an int >= 0, got {min_compress_numel!r}")
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+                 link: perfmodel.LinkModel = perfmodel.LinkModel()):
+        self._set_options(clip_factor=clip_factor, collective=collective, error_feedback=error_feedback,
+                          min_compress_numel=min_compress_numel, seed=seed)
         super().__init__(process_group)
-        self.clip_factor = None if clip_factor is None else float(clip_factor)
-        self.collective = collective
-        self.error_feedback = bool(error_feedback)
-        self.min_compress_numel = min_compress_numel
-        self.seed = seed
         self.link = link
         # "auto" asks the performance model with this host's calibration, read once here. Each
-        # rank reads its own host's file, so the first step checks that every rank holds the
-        # same one: different calibrations could pick different collectives for one bucket.
-        self._calibration = None
-        if collective == "auto":
-            from ..perfmodel import load_calibration
-
-            self._calibration = load_calibration()
+        # rank reads its own host's file, so the options check covers it: different
+        # calibrations could pick different collectives for one bucket.
+        self._calibration = perfmodel.load_calibration() if collective == "auto" else None
         self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
         self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
 
-    def options(self) -> dict:
-        return {"clip_factor": self.clip_factor, "collective": self.collective,
-                "error_feedback": self.error_feedback, "min_compress_numel": self.min_compress_numel,
-                "seed": self.seed}
-
-    def check_first_step(self, device) -> None:
-        if not self._checked and self._calibration is not None:
-            import hashlib
-            import json
-
-            fingerprint = hashlib.sha1(json.dumps(
-                [self._calibration.get(k) for k in ("seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")],
-                sort_keys=True).encode()).hexdigest()[:12]
-            opts = dict(self.options(), hook=self.name, world_size=self.world_size,
-                        auto_collective_calibration=f"{fingerprint} ({self._calibration.get('source', '?')}; give "
-                                                    "every host the same file with $COMMCOMP_CALIBRATION, or pass "
-                                                    "collective='two_phase' (or int8, allgather))")
-            from ._common import check_same_options
-
-            check_same_options(opts, self.world_size, self.process_group, device)
-            self._checked = True
-        super().check_first_step(device)
+    def _shared_extra(self) -> dict:
+        if self._calibration is None:
+            return {}
+        cal = [self._calibration.get(k) for k in ("seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")]
+        return {"auto_collective_calibration": f"{cal} ({self._calibration.get('source', '?')}; give every host "
+                                               "the same file with $COMMCOMP_CALIBRATION, or pass "
+                                               "collective='two_phase' (or int8, allgather))"}
 
     def _extra_state(self) -> dict:
         if any(not isinstance(k, str) for k in self.residuals):
@@ -130,8 +106,8 @@ class TernGradState(HookStateBase):
         if (bucket_index, numel) not in self.choices:
             name = self.collective
             if name == "auto":
-                name = collectives.choose(numel, self.world_size, self.link, calibration=self._calibration)
-            if name == "int8" and self.world_size > collectives.ternary.INT8_MAX_WORLD:
+                name = perfmodel.choose(numel, self.world_size, self.link, calibration=self._calibration)
+            if name == "int8" and self.world_size > collectives.INT8_MAX_WORLD:
                 logger.info("terngrad: %d ranks: int8 sums widen to int32", self.world_size)
             self.choices[(bucket_index, numel)] = name
             logger.info("terngrad: bucket %d (%d elements, %d ranks) uses the %s collective",
@@ -154,9 +130,10 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
     """DDP communication hook: average the bucket's gradients as TernGrad ternary payloads.
 
-    The bucket's exchange runs on commcomp's communication thread (one global order of
-    collectives on every rank); the backward pass goes on meanwhile.
+    The bucket's exchange runs on the ordered executor of the state's process group (one order
+    of collectives on every rank); the backward pass goes on meanwhile.
     """
+    state.require_registered()
     buf = bucket.buffer()
     index, step, lengths = bucket.index(), state.step, bucket_lengths(bucket)
     # fp32 without error feedback: encode the bucket in place (no staging copy; DDP leaves the
@@ -175,25 +152,24 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     if bucket.is_last():
         state.step += 1
     job = lambda: _reduce_bucket(state, index, step, x, lengths, buf, keys)  # noqa: E731
-    return collectives.comm_thread().submit(job, buf)
+    return state.submit(job, buf)
 
 
 def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
                    lengths: List[int], buf: torch.Tensor, keys: list) -> torch.Tensor:
-    """The whole exchange of one bucket (on the communication thread: waits are fine)."""
-    state.check_first_step(buf.device)
+    """The whole exchange of one bucket (on the executor thread: waits are fine)."""
     world = state.world_size
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
     comp = [k for k, n in enumerate(lengths) if n > 0 and n >= state.min_compress_numel]
     raw = [k for k, n in enumerate(lengths) if n > 0 and n < state.min_compress_numel]
-    state.add_fp32_bytes(collectives.ring_allreduce_bytes(4 * x.numel(), world))
+    state.metrics.fp32_allreduce(x.numel(), world)
     raw_fut = None
     if raw:  # small layers: exact fp32 all-reduce, overlapping the ternary exchange
         raw_x = torch.cat([x[bounds[k]:bounds[k + 1]] for k in raw])
         raw_fut = all_reduce(raw_x, group=state.process_group)
-        state.add_bytes(collectives.ring_allreduce_bytes(4 * raw_x.numel(), world))
+        state.metrics.sent(ring_allreduce_bytes(4 * raw_x.numel(), world))
     if comp:
         # The whole bucket is encoded, small layers too (their few codes are overwritten by
         # the exact values below): no gather or scatter passes over the large layers.
@@ -224,14 +200,14 @@ def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tenso
     average (NaN everywhere if any rank's data was not finite) and this rank's own decode."""
     stats = _scales(x, lengths, state.clip_factor)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=state.process_group)
-    state.add_bytes(collectives.ring_allreduce_bytes(4 * stats.numel(), state.world_size))
+    state.metrics.sent(ring_allreduce_bytes(4 * stats.numel(), state.world_size))
     name = state.collective_for(index, x.numel())
     enc = collectives.Encoding(stats[:-1].contiguous(), lengths,
                                mix_seed(state.seed, state.rank, step, 0), index << 40)
     kwargs = {"seed2": mix_seed(state.seed, state.rank, step, 1)} if name == "two_phase" else {}
     launched = collectives.COLLECTIVES[name](x, enc, state.process_group,
                                              want_own=state.error_feedback, **kwargs)
-    state.add_bytes(launched.bytes_sent)
+    state.metrics.sent(launched.bytes_sent)
     avg = launched.future.wait()
     avg = torch.where(stats[-1] > 0, torch.full_like(avg, float("nan")), avg)
     return avg, launched.own

@@ -69,21 +69,17 @@ class CompressedAllreduce:
         MPI = _mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"commcomp: seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = validate.seed(seed)
         self.shared_scale = isinstance(compressor, str) and compressor.strip().lower() == "ternary"
         self.compressor: Compressor = Ternary(clip_factor) if self.shared_scale else make_compressor(compressor)
         self.calls = 0
-        self.metrics = {"bytes_sent": 0, "bytes_sent_fp32_allreduce": 0}
+        self.metrics = ByteCounter()
 
     def _seed(self) -> int:
-        from commcomp.hooks._common import mix_seed
-
         return mix_seed(self.seed, self.rank, self.calls)
 
     def _ring(self, nbytes: int) -> int:
-        return 2 * (self.size - 1) * nbytes // self.size
+        return ring_allreduce_bytes(nbytes, self.size)
 
     def mean(self, tensor: torch.Tensor, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The average of ``tensor`` over the communicator's ranks (a new tensor, same shape and
@@ -93,12 +89,12 @@ class CompressedAllreduce:
             raise TypeError(f"commcomp: mean takes a floating-point tensor, got {type(tensor).__name__}"
                             f"{'' if not isinstance(tensor, torch.Tensor) else ' of ' + str(tensor.dtype)}")
         x = _host(tensor)
-        self.metrics["bytes_sent_fp32_allreduce"] += self._ring(x.numel() * 4)
+        self.metrics.fp32_allreduce(x.numel(), self.size)
         try:
             if isinstance(self.compressor, Identity):
                 out = x.clone()
                 self.comm.Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
-                self.metrics["bytes_sent"] += self._ring(out.numel() * out.element_size())
+                self.metrics.sent(self._ring(out.numel() * out.element_size()))
                 out /= self.size
             elif self.shared_scale:
                 out = self._ternary_mean(x.reshape(-1), segments).reshape(x.shape)
@@ -120,7 +116,7 @@ class CompressedAllreduce:
         n = payload.numel()
         out = torch.empty(self.size * n, dtype=torch.uint8)
         self.comm.Allgather(payload.numpy(), out.numpy())
-        self.metrics["bytes_sent"] += (self.size - 1) * n
+        self.metrics.sent((self.size - 1) * n)
         return [self.compressor.decompress(out[r * n:(r + 1) * n], ctx) for r in range(self.size)]
 
     def _ternary_mean(self, flat: torch.Tensor, segments) -> torch.Tensor:
@@ -132,7 +128,7 @@ class CompressedAllreduce:
         if self.size > 127:  # an int8 sum could overflow
             codes = codes.to(torch.int16)
         self.comm.Allreduce(MPI.IN_PLACE, codes.numpy(), op=MPI.SUM)
-        self.metrics["bytes_sent"] += self._ring(codes.numel() * codes.element_size()) + self._ring(scales.numel() * 4)
+        self.metrics.sent(self._ring(codes.numel() * codes.element_size()) + self._ring(scales.numel() * 4))
         out = codes.to(torch.float32)
         parts = [out] if segs is None else torch.split(out, segs)
         for i, part in enumerate(parts):
@@ -140,15 +136,15 @@ class CompressedAllreduce:
         return out.to(flat.dtype)
 
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "seed": self.seed, "metrics": dict(self.metrics),
+        return {"calls": self.calls, "seed": self.seed, "metrics": self.metrics.state_dict(),
                 "compressor": self.compressor.name, "options": self.compressor.options()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed or state.get("compressor") != self.compressor.name:
             raise ValueError(f"commcomp: checkpoint is for compressor {state.get('compressor')!r} with seed "
                              f"{state.get('seed')!r}, this reducer has {self.compressor.name!r} and {self.seed}")
+        self.metrics.load_state_dict(state["metrics"])
         self.calls = int(state["calls"])
-        self.metrics = {k: int(v) for k, v in state["metrics"].items()}
 
 
 __all__ = ["CompressedAllreduce", "MPITransport"]

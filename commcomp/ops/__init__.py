@@ -46,6 +46,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _autograd, _checks, _loader, _meta, reference
+from .reference import per_element
 
 __all__ = [
     "backend",
@@ -59,6 +60,7 @@ __all__ = [
     "srht",
     "srht_transpose",
     "default_block",
+    "per_element",
     "reference",
 ]
 

@@ -1,6 +1,7 @@
 """Predict what a hook buys before running it (:mod:`.model`), from costs measured on the
-local machine (:mod:`.calibrate`). Command line: ``commcomp perfmodel`` and ``commcomp calibrate``."""
+local machine (:mod:`.calibrate`); the TernGrad hook's choice of collective (:mod:`.choice`). Command line: ``commcomp perfmodel`` and ``commcomp calibrate``."""
 
+from .choice import LinkModel, choose, estimate
 from .model import (
     BUILTIN,
     HOOKS,
@@ -15,5 +16,5 @@ from .model import (
     traffic,
 )
 
-__all__ = ["BUILTIN", "HOOKS", "Prediction", "Scenario", "TERNARY", "calibration_path", "choose_collective",
+__all__ = ["BUILTIN", "HOOKS", "LinkModel", "Prediction", "Scenario", "TERNARY", "calibration_path", "choose", "choose_collective", "estimate",
            "load_calibration", "predict", "table", "traffic"]

@@ -9,7 +9,7 @@ latency; a compressor trades bytes for codec work. Here, per step and per rank::
     cpu  = (fixed(hook) * buckets + passes(hook, N) * P * seconds_per_pass_element(hook)) * contention
 
 * ``bytes_sent`` and ``messages`` follow each algorithm (ring all-reduce for fp32 and fp16,
-  :func:`commcomp.collectives.ring_allreduce_bytes`; the ternary collectives; a sketch
+  :func:`commcomp.utils.ring_allreduce_bytes`; the ternary collectives; a sketch
   all-reduce; neighbour messages for gradient tracking; for gradient coding the busiest link,
   the coordinator's), per DDP bucket. Gradient coding's gain, not waiting for stragglers, is
   not in this model: ``commcomp stragglers simulate`` models it on real traces.
@@ -29,7 +29,7 @@ Speed-up is the TernGrad paper's: N workers' throughput over one worker's,
 ``N * compute / step``.
 
 The TernGrad hook's ``collective="auto"`` asks :func:`choose_collective` (through
-:func:`commcomp.collectives.choose`), so what ``commcomp perfmodel`` prints is what the hook does.
+:func:`commcomp.perfmodel.choose`), so what ``commcomp perfmodel`` prints is what the hook does.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
+
+from commcomp.utils.metrics import ring_allreduce_bytes
 
 TERNARY = ("int8", "allgather", "two_phase")
 HOOKS = ("none", "fp16", "terngrad", "sketch_dp", "gradient_coding", "gradient_tracking")
@@ -133,10 +135,6 @@ class Prediction:
         return asdict(self)
 
 
-def _ring_bytes(nbytes: float, world: int) -> float:
-    return 2.0 * (world - 1) / world * nbytes
-
-
 def traffic(hook: str, sc: Scenario, *, collective: str = "two_phase", sketch_ratio: float = 0.01,
             s: int = 1, degree: int = 2, compressor: Optional[str] = "ternary") -> tuple:
     """(bytes sent per rank per step, messages per rank per step, CPU passes per element)."""
@@ -144,20 +142,20 @@ def traffic(hook: str, sc: Scenario, *, collective: str = "two_phase", sketch_ra
     if N == 1:
         return 0.0, 0, 0.0
     if hook == "none":
-        return _ring_bytes(4 * P, N), B * 2 * (N - 1), 2.0 * (N - 1) / N
+        return ring_allreduce_bytes(4 * P, N), B * 2 * (N - 1), 2.0 * (N - 1) / N
     if hook == "fp16":
-        return _ring_bytes(2 * P, N), B * 2 * (N - 1), 2.0 + 2.0 * (N - 1) / N
+        return ring_allreduce_bytes(2 * P, N), B * 2 * (N - 1), 2.0 + 2.0 * (N - 1) / N
     if hook == "terngrad":  # every collective starts with a MAX all-reduce of the scales: 2(N-1) messages
         if collective == "int8":  # codes summed by a ring all-reduce: int8, int32 past 127 ranks
-            return _ring_bytes(P if N <= 127 else 4 * P, N), B * 4 * (N - 1), 2.0
+            return ring_allreduce_bytes(P if N <= 127 else 4 * P, N), B * 4 * (N - 1), 2.0
         if collective == "allgather":  # everyone's 2-bit payload (a ring all-gather), decoded by everyone
             return (N - 1) * P / 4, B * 3 * (N - 1), 1.0 + N / 4
         if collective == "two_phase":  # 2-bit all-to-all (reduce-scatter), requantize, 2-bit all-gather
-            return _ring_bytes(P / 4, N), B * 4 * (N - 1), 3.0 + 2.0 / N
+            return ring_allreduce_bytes(P / 4, N), B * 4 * (N - 1), 3.0 + 2.0 / N
         raise ValueError(f"commcomp: unknown TernGrad collective {collective!r}; allowed {TERNARY}")
     if hook == "sketch_dp":
         size = max(1.0, sketch_ratio * P)
-        return _ring_bytes(4 * size, N), B * 2 * (N - 1), 3.0
+        return ring_allreduce_bytes(4 * size, N), B * 2 * (N - 1), 3.0
     if hook == "gradient_coding":  # the busiest link, the coordinator's: N - 1 coded gradients in,
         # the decoded one back out to N - 1 workers (full duplex); it sums n - s of them
         return 4.0 * P * (N - 1), B * 2 * (N - 1), float(N - s + 1)

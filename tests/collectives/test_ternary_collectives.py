@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from commcomp import collectives, ops
+from commcomp import collectives, ops, perfmodel
 from commcomp.collectives import Encoding
 from commcomp.ops.reference import per_element
 from tests._dist import rank_tensor, spawn
@@ -79,12 +79,12 @@ def test_collective_bf16_input(tmp_path, name):
 def test_bytes_per_rank_stay_flat_for_two_phase():
     n = 1 << 20
     for w in (2, 4, 8, 16):
-        t2 = collectives.estimate("two_phase", n, w, collectives.LinkModel(latency_s=0, codec_s_per_element=0))
-        ag = collectives.estimate("allgather", n, w, collectives.LinkModel(latency_s=0, codec_s_per_element=0))
+        t2 = perfmodel.estimate("two_phase", n, w, perfmodel.LinkModel(latency_s=0, codec_s_per_element=0))
+        ag = perfmodel.estimate("allgather", n, w, perfmodel.LinkModel(latency_s=0, codec_s_per_element=0))
         assert t2 <= 2 * n / 4 / 1.25e8 * 1.0001  # < 2 * n/4 bytes whatever W
         assert ag >= t2 * (w - 1) / 2 - 1e-12
 
 
 def test_auto_choice_depends_on_world_size():
-    assert collectives.choose(1 << 22, 2) == "allgather"
-    assert collectives.choose(1 << 22, 16) == "two_phase"
+    assert perfmodel.choose(1 << 22, 2) == "allgather"
+    assert perfmodel.choose(1 << 22, 16) == "two_phase"

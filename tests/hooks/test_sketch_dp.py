@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commcomp
 from commcomp.codecs import Sketch, sketch_size
 from commcomp.hooks import SketchDPState
-from commcomp.hooks._common import mix_seed
+from commcomp.utils import mix_seed
 from tests._dist import spawn
 from tests.hooks._models import local_grads, make_model, rank_batch, true_mean
 
@@ -224,7 +224,7 @@ def run_nonfinite_private(rank, world):
     torch.testing.assert_close(got, clipped0 / world, rtol=0, atol=5e-3)  # rank 1 sent noise only
     assert state.nonfinite_steps == (1 if rank == 1 else 0)
     assert state.ledger.steps == 1
-    assert state.metrics["bytes_sent"] == commcomp.collectives.ring_allreduce_bytes(
+    assert state.metrics["bytes_sent"] == commcomp.utils.ring_allreduce_bytes(
         4 * sum(sk for sk in [sketch_size("srht", got.numel(), 1.0)]), world)  # no flag float
 
 

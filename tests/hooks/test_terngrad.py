@@ -77,9 +77,9 @@ def test_nan_on_one_rank_reaches_every_rank(tmp_path):
 
 def run_mismatch(rank, world):
     model = DDP(make_model(), bucket_cap_mb=0.001)
-    commcomp.register(model, "terngrad", clip_factor=2.5 if rank == 0 else 2.0)
-    with pytest.raises(RuntimeError, match="ranks disagree on the hook's options"):
-        local_grads(model, rank, torch.float32)
+    with pytest.raises(RuntimeError, match=r"ranks disagree on the options \['clip_factor'\]"):
+        commcomp.register(model, "terngrad", clip_factor=2.5 if rank == 0 else 2.0)
+    local_grads(model, rank, torch.float32)  # refused at registration: the model kept no hook
 
 
 def test_ranks_with_different_options_fail_clearly(tmp_path):
@@ -88,7 +88,7 @@ def test_ranks_with_different_options_fail_clearly(tmp_path):
 
 def run_calibration_mismatch(rank, world, cal_file):
     """collective="auto" reads each host's calibration: different files could pick different
-    collectives for one bucket (a hang or garbage); the first step refuses them instead."""
+    collectives for one bucket (a hang or garbage); registration refuses them instead."""
     import json
     import os
 
@@ -104,9 +104,8 @@ def run_calibration_mismatch(rank, world, cal_file):
     if rank == 1:
         os.environ["COMMCOMP_CALIBRATION"] = cal_file
     model = DDP(make_model(), bucket_cap_mb=0.001)
-    commcomp.register(model, "terngrad")
     with pytest.raises(RuntimeError, match="auto_collective_calibration"):
-        local_grads(model, rank, torch.float32)
+        commcomp.register(model, "terngrad")
 
 
 def test_ranks_with_different_calibrations_fail_clearly_under_auto(tmp_path):

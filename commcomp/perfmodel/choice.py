@@ -1,6 +1,6 @@
 """Which ternary collective a TernGrad bucket uses under ``collective="auto"``.
 
-The decision is the performance model's (:mod:`commcomp.perfmodel`): for one bucket, the
+The decision is the performance model's (:mod:`commcomp.perfmodel.model`): for one bucket, the
 predicted time of each collective (messages x latency + bytes / bandwidth + its CPU passes x
 the calibrated cost per pass-element), and the least wins. So ``commcomp perfmodel`` shows
 the same choice the hook makes. The link comes from :class:`LinkModel` (default 1 Gbit/s,
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+from . import model as pm
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,6 @@ class LinkModel:
 
 
 def _calibration(link: LinkModel, calibration: Optional[dict] = None) -> dict:
-    from ..perfmodel import model as pm
-
     cal = calibration if calibration is not None else pm.load_calibration()
     if link.codec_s_per_element is not None:  # the link's one CPU cost replaces the calibrated model
         spe = dict(cal["seconds_per_pass_element"])
@@ -39,8 +39,6 @@ def _calibration(link: LinkModel, calibration: Optional[dict] = None) -> dict:
 
 def estimate(name: str, numel: int, world: int, link: LinkModel = LinkModel()) -> float:
     """Predicted seconds for one bucket of `numel` elements with collective `name`."""
-    from ..perfmodel import model as pm
-
     if name not in pm.TERNARY:
         raise ValueError(f"commcomp: unknown collective {name!r}; allowed {pm.TERNARY}")
     sc = pm.Scenario(params=max(1, int(numel)), world=world, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s,
@@ -51,7 +49,5 @@ def estimate(name: str, numel: int, world: int, link: LinkModel = LinkModel()) -
 def choose(numel: int, world: int, link: LinkModel = LinkModel(), calibration: Optional[dict] = None) -> str:
     """The collective with the least predicted time for one bucket under `link` (CPU costs
     from `calibration`, default :func:`commcomp.perfmodel.load_calibration`)."""
-    from ..perfmodel import model as pm
-
     return pm.choose_collective(numel, world, None, _calibration(link, calibration),
                                 bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)
