@@ -47,9 +47,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from commcomp.ops import _checks as _ops_checks
+from commcomp.utils import validate
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SEED_LIMIT = 2**63  # seeds are int64 in payloads and Philox keys: 0 <= seed < 2**63
 
 
 class Ctx(NamedTuple):
@@ -73,28 +73,14 @@ def _check_segments(segments, numel: int) -> Optional[Tuple[int, ...]]:
     return None if segs is None else tuple(segs)
 
 
-def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"commcomp: seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"commcomp: seed must be in [0, 2**63), got {seed}")
-    return int(seed)
-
-
 def check_ratio(ratio, name: str = "ratio", meaning: str = "kept elements / all elements",
                 example: str = "ratio=0.01 keeps 1%") -> float:
     """A fraction in (0, 1]; the error names the option, what it means and an example."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-        raise ValueError(f"commcomp: {name} must be a number in (0, 1] ({meaning}), got {ratio!r}; e.g. {example}")
-    return float(ratio)
+    return validate.fraction(ratio, name, hint=f"{meaning}; e.g. {example}")
 
 
 def check_k(k) -> Optional[int]:
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"commcomp: k must be a positive int (elements kept) or None to use ratio, got {k!r}")
-    return int(k)
+    return validate.integer(k, "k", low=1, allow_none=True, hint="elements kept, or None to use ratio")
 
 
 def view_as(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -222,41 +208,3 @@ class Identity(Compressor):
     def decompress(self, payload, ctx):
         flat = self._check_payload(payload, ctx)
         return flat.clone().view(ctx.dtype).reshape(ctx.shape)
-
-
-def _registry() -> dict:
-    from .sparse import RandomK, TopK
-    from .ternary import Ternary
-
-    return {"identity": Identity, "ternary": Ternary, "topk": TopK, "randomk": RandomK}
-
-
-NAMES = ("identity", "none", "ternary", "topk", "randomk")
-
-
-def make_compressor(spec) -> Compressor:
-    """A compressor from a spec: ``None``, ``"identity"`` or ``"none"`` (no compression);
-    ``"ternary"``, ``"topk"``, ``"randomk"`` with default options; ``"topk:0.01"`` /
-    ``"randomk:0.05"`` with that ratio; a :class:`Compressor` is returned as is."""
-    if spec is None or isinstance(spec, Compressor):
-        return Identity() if spec is None else spec
-    allowed = (
-        "allowed: None, 'identity', 'none', 'ternary', 'topk', 'randomk', 'topk:<ratio>', "
-        "'randomk:<ratio>' (ratio in (0, 1]) or a Compressor instance"
-    )
-    if not isinstance(spec, str):
-        raise ValueError(f"commcomp: unknown compressor spec {spec!r} ({type(spec).__name__}); {allowed}")
-    name, sep, arg = spec.strip().lower().partition(":")
-    name = "identity" if name == "none" else name
-    registry = _registry()
-    if name not in registry or (sep and name not in ("topk", "randomk")):
-        raise ValueError(f"commcomp: unknown compressor spec {spec!r}; {allowed}")
-    if not sep:
-        return registry[name]()
-    try:
-        ratio = float(arg)
-    except ValueError:
-        raise ValueError(f"commcomp: compressor spec {spec!r} has ratio {arg!r}, not a number; {allowed}") from None
-    if not math.isfinite(ratio) or not 0 < ratio <= 1:
-        raise ValueError(f"commcomp: compressor spec {spec!r} has ratio {ratio}, outside (0, 1]; {allowed}")
-    return registry[name](ratio=ratio)

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from .base import Compressor, Ctx, as_bytes, check_k, check_ratio, check_seed, view_as
+from commcomp.utils import validate
+from .base import Compressor, Ctx, as_bytes, check_k, check_ratio, view_as
 
 INDEX_LIMIT = 2**31  # TopK's indices are int32
 RANDPERM_MAX = 1 << 16  # up to this many elements, or k above d / 4, RandomK uses randperm
@@ -147,7 +148,7 @@ class RandomK(_Sparse):
 
     def compress(self, tensor, *, seed: int = 0, segments=None):
         ctx = self.context(tensor, segments=segments)
-        seed = check_seed(seed)
+        seed = validate.seed(seed)
         flat = tensor.detach().reshape(-1)
         k = self.kept(ctx.numel)
         idx = random_indices(ctx.numel, k, seed).to(flat.device)

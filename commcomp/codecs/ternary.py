@@ -38,8 +38,9 @@ from typing import Optional
 import torch
 
 from commcomp import ops
+from commcomp.utils import validate
 
-from .base import Compressor, Ctx, as_bytes, check_seed, view_as
+from .base import Compressor, Ctx, as_bytes, view_as
 
 
 PACKINGS = ("2bit", "base3")
@@ -138,7 +139,7 @@ class Ternary(Compressor):
 
     def compress(self, tensor, *, seed: int = 0, segments=None):
         ctx = self.context(tensor, segments=segments)
-        seed = check_seed(seed)
+        seed = validate.seed(seed)
         x = tensor.detach().contiguous()
         segs = None if ctx.segments is None else list(ctx.segments)
         s = self.scales(x, segs)

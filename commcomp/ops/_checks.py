@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from commcomp.utils import validate
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT63 = 2**63
 
@@ -43,11 +45,7 @@ def packed_tensor(t, name: str = "packed") -> torch.Tensor:
 
 
 def integer(v, name: str, low: int = 0, high: int = _INT63) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"commcomp: {name} must be an int, got {type(v).__name__}")
-    if not low <= int(v) < high:
-        raise ValueError(f"commcomp: {name} must be in [{low}, {high}), got {v}")
-    return int(v)
+    return validate.integer(v, name, low=low, high=high)
 
 
 def segments(segs: Optional[Sequence[int]], n: int) -> Optional[List[int]]:

@@ -16,6 +16,15 @@ from typing import Optional, Sequence
 SEED_LIMIT = 2 ** 63
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """A value of the wrong kind (a str for an int): both a TypeError and a ValueError, so
+    callers catching either see it."""
+
+
+def _bound(b: int) -> str:
+    return "2**63" if b == SEED_LIMIT else str(b)
+
+
 def _fail(name: str, want: str, v, hint: str = "", exc=ValueError):
     raise exc(f"commcomp: {name} must be {want}, got {v!r}" + (f"; {hint}" if hint else ""))
 
@@ -33,7 +42,8 @@ def positive(v, name: str, *, allow_none: bool = False, hint: str = "") -> Optio
     if v is None and allow_none:
         return None
     if not _is_real(v) or not math.isfinite(v) or not v > 0:
-        _fail(name, "a finite number > 0" + (" or None" if allow_none else ""), v, hint)
+        _fail(name, "a finite number > 0" + (" or None" if allow_none else ""), v, hint,
+              exc=ValueError if _is_real(v) else ArgumentTypeError)
     return float(v)
 
 
@@ -61,22 +71,19 @@ def integer(v, name: str, *, low: Optional[int] = None, high: Optional[int] = No
         return None
     if not _is_int(v) or (low is not None and v < low) or (high is not None and v >= high):
         if low is not None and high is not None:
-            want = f"an int in [{low}, {high})"
+            want = f"an int in [{low}, {_bound(high)})"
         elif low is not None:
             want = f"an int >= {low}"
         else:
-            want = "an int" if high is None else f"an int < {high}"
-        _fail(name, want + (" or None" if allow_none else ""), v, hint)
+            want = "an int" if high is None else f"an int < {_bound(high)}"
+        _fail(name, want + (" or None" if allow_none else ""), v, hint,
+              exc=ValueError if _is_int(v) else ArgumentTypeError)
     return int(v)
 
 
 def seed(v, name: str = "seed", *, allow_none: bool = False, hint: str = "") -> Optional[int]:
     """A seed: an int in [0, 2**63) (the range every stream in commcomp accepts)."""
-    if v is None and allow_none:
-        return None
-    if not _is_int(v) or not 0 <= v < SEED_LIMIT:
-        _fail(name, "an int in [0, 2**63)" + (" or None" if allow_none else ""), v, hint)
-    return int(v)
+    return integer(v, name, low=0, high=SEED_LIMIT, allow_none=allow_none, hint=hint)
 
 
 def boolean(v, name: str) -> bool:
@@ -102,4 +109,4 @@ def power_of_two(v, name: str, *, allow_none: bool = False) -> Optional[int]:
     return int(v)
 
 
-__all__ = ["boolean", "choice", "fraction", "integer", "nonneg", "positive", "power_of_two", "seed"]
+__all__ = ["ArgumentTypeError", "boolean", "choice", "fraction", "integer", "nonneg", "positive", "power_of_two", "seed"]

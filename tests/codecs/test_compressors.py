@@ -396,7 +396,7 @@ def test_make_compressor_rejects(spec):
     (lambda: TopK(ratio=0), "ratio must be a number in \\(0, 1\\]"),
     (lambda: TopK(ratio=1.5), "got 1.5"),
     (lambda: RandomK(ratio=True), "got True"),
-    (lambda: TopK(k=0), "k must be a positive int"),
+    (lambda: TopK(k=0), "k must be an int >= 1 or None"),
     (lambda: RandomK(k=2.5), "got 2.5"),
     (lambda: RandomK(rescale="yes"), "rescale must be True or False"),
     (lambda: Ternary(clip_factor=0), "clip_factor must be None"),
@@ -425,9 +425,9 @@ def test_context_and_argument_errors():
         comp.context((2, 3), torch.float32, [3, 2])
     with pytest.raises(TypeError, match="float64"):
         comp.compress(torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="seed must be in"):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
         RandomK().compress(torch.zeros(3), seed=-1)
-    with pytest.raises(ValueError, match="seed must be in"):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
         Ternary().compress(torch.zeros(3), seed=2**63)
 
 
