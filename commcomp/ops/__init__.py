@@ -88,15 +88,8 @@ def _ternarize(op, x, scale, seed, offset, segments, validate):
     return op(x.reshape(-1), s, segs, seed, offset)
 
 
-def ternarize_pack(
-    x: torch.Tensor,
-    scale,
-    seed: int,
-    offset: int = 0,
-    *,
-    segments: Optional[Sequence[int]] = None,
-    validate: bool = True,
-) -> torch.Tensor:
+def ternarize_pack(x: torch.Tensor, scale, seed: int, offset: int = 0, *,
+                   segments: Optional[Sequence[int]] = None, validate: bool = True) -> torch.Tensor:
     """Stochastically ternarize ``x`` against ``scale`` and pack 4 codes per byte.
 
     Args:
@@ -116,15 +109,8 @@ def ternarize_pack(
     return _ternarize(torch.ops.commcomp.ternarize_pack, x, scale, seed, offset, segments, validate)
 
 
-def ternarize_int8(
-    x: torch.Tensor,
-    scale,
-    seed: int,
-    offset: int = 0,
-    *,
-    segments: Optional[Sequence[int]] = None,
-    validate: bool = True,
-) -> torch.Tensor:
+def ternarize_int8(x: torch.Tensor, scale, seed: int, offset: int = 0, *,
+                   segments: Optional[Sequence[int]] = None, validate: bool = True) -> torch.Tensor:
     """The codes of :func:`ternarize_pack` (same randomness) as an int8 tensor of ``x.numel()``."""
     return _ternarize(torch.ops.commcomp.ternarize_int8, x, scale, seed, offset, segments, validate)
 
