@@ -21,10 +21,27 @@ proximal step (DProxSGT / CDProxSGT)::
     gt = commcomp.decentralized.GradientTracking(model, 0.05, topology="ring", compressor="ternary")
 """
 
-from commcomp import checkpoint, codecs, coding, collectives, core, decentralized, hooks, ops, perfmodel, privacy, utils
-from commcomp.hooks import register
+import importlib
 
 __version__ = "0.1.0"
+
+# Subpackages load on first use (PEP 562), so ``import commcomp.utils`` loads only the layers
+# below it: tests/test_layering.py checks each subpackage imports nothing above its layer.
+SUBPACKAGES = ("checkpoint", "codecs", "coding", "collectives", "core", "decentralized", "hooks", "integrations",
+               "ops", "perfmodel", "privacy", "utils")
+
+
+def __getattr__(name):
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"commcomp.{name}")
+    if name == "register":
+        return importlib.import_module("commcomp.hooks").register
+    raise AttributeError(f"module 'commcomp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(SUBPACKAGES) + ["register"])
+
 
 __all__ = ["checkpoint", "codecs", "coding", "collectives", "core", "decentralized", "hooks", "ops", "perfmodel",
            "privacy", "register", "utils", "__version__"]

@@ -26,6 +26,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from .sequential import BurstyCondition
+
 __all__ = [
     "Trace", "load_trace", "trace_dirs", "find_traces", "extend_trace", "no_stragglers", "bernoulli",
     "shifted_exponential", "bursty", "gilbert_elliott", "pattern_to_durations", "follows_bursty_model",
@@ -220,8 +222,6 @@ def follows_bursty_model(pattern: np.ndarray, B: int, W: int, lambd: int,
     """Whether a whole straggler pattern (bool, (rounds, n)) fits the (B, W, lambd) bursty model,
     checked round by round exactly as the simulator does (:class:`~commcomp.coding.sequential.BurstyCondition`).
     If ``first_bad`` is a list, the index of the first offending round is appended to it."""
-    from commcomp.coding.sequential import BurstyCondition
-
     pattern = np.asarray(pattern, dtype=bool)
     cond = BurstyCondition(pattern.shape[1], B, W, lambd)
     for r, row in enumerate(pattern):
