@@ -1,3 +1,6 @@
+# Long file: one class, GradientTracking: the DProxSGT / CDProxSGT step (Yan et al. 2023, Algorithms
+# 1-2) with its options, checkpoints and the diagnostics that check its invariant; its pieces
+# (Tracker, Mixer, NeighbourExchange, Prox, Topology) already live in their own modules.
 """DProxSGT and CDProxSGT: decentralized proximal SGD with gradient tracking, optionally compressed.
 
 Yan, Chen, Chen, Cui, Lu, Xu, ICML 2023, "Compressed Decentralized Proximal Stochastic Gradient
