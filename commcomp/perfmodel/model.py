@@ -165,7 +165,7 @@ def traffic(hook: str, sc: Scenario, *, collective: str = "two_phase", sketch_ra
     raise ValueError(f"commcomp: unknown hook {hook!r}; allowed {HOOKS}")
 
 
-def _cpu_key(hook: str, collective: str) -> str:
+def cpu_key(hook: str, collective: str) -> str:
     return f"terngrad/{collective}" if hook == "terngrad" else hook
 
 
@@ -179,12 +179,12 @@ def predict(hook: str, sc: Scenario, calibration: Optional[dict] = None, **optio
         collective = choose_collective(sc.params // sc.buckets, sc.world, sc, cal)
         options["collective"] = collective
     nbytes, msgs, passes = traffic(hook, sc, **options)
-    spe = cal["seconds_per_pass_element"].get(_cpu_key(hook, collective))
+    spe = cal["seconds_per_pass_element"].get(cpu_key(hook, collective))
     if spe is None:
         spe = cal["seconds_per_pass_element"].get("none", BUILTIN["seconds_per_pass_element"]["none"])
     cal_pressure = max(1.0, cal.get("ranks_per_host", 1) / max(1, cal.get("cores", 1)))
     pressure = max(1.0, sc.ranks_per_host / sc.cores_per_host) if sc.cores_per_host else 1.0
-    fixed = cal.get("fixed_s", {}).get(_cpu_key(hook, collective), 0.0) * sc.buckets if sc.world > 1 else 0.0
+    fixed = cal.get("fixed_s", {}).get(cpu_key(hook, collective), 0.0) * sc.buckets if sc.world > 1 else 0.0
     cpu = (fixed + passes * sc.params * spe) * pressure / cal_pressure
     wire = msgs * sc.latency_s + nbytes / sc.bandwidth_bytes_per_s
     compute = sc.compute_s * ((options.get("s", 1) + 1) if hook == "gradient_coding" else 1)
