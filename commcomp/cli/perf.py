@@ -144,8 +144,8 @@ def add_perfmodel(sub) -> None:
 
 
 def _cmd_calibrate(a) -> int:
+    from commcomp.bench.calibrate import calibrate
     from commcomp.perfmodel import calibration_path
-    from commcomp.perfmodel.calibrate import calibrate
 
     path = a.out or calibration_path()
     print(f"commcomp calibrate: {a.world} local ranks, {a.params:,} parameters; this takes about a minute",

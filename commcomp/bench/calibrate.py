@@ -14,7 +14,8 @@ It spawns ``world`` ranks on gloo over loopback (CPU) and, in each:
    the hook's memory passes): the model's CPU constants for that hook.
 
 Everything else about a deployment (bandwidth, world size, model size) is an input of the
-model; only these machine-dependent costs are measured. Run it with the ranks per host you
+model (:mod:`commcomp.perfmodel`); only these machine-dependent costs are measured. It lives
+with the benchmarks, at the top of the dependency graph, because it runs every hook. Run it with the ranks per host you
 deploy with (``--world``): the CPU cost includes their contention for cores.
 """
 
@@ -31,8 +32,8 @@ import time
 import torch
 from packaging.version import Version
 
+from ..perfmodel import model as pm
 from ..utils import ring_allreduce_bytes
-from . import model as pm
 
 CONFIGS = [("none", {}), ("fp16", {}), ("terngrad", {"collective": "int8"}),
            ("terngrad", {"collective": "allgather"}), ("terngrad", {"collective": "two_phase"}),
