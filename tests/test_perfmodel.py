@@ -13,7 +13,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
-from commcomp import collectives
 from commcomp import perfmodel as pm
 from tests._dist import spawn
 
@@ -76,13 +75,13 @@ def test_calibration_file(tmp_path, monkeypatch):
 def test_auto_collective_follows_the_model():
     for world in (2, 4, 16, 64, 256):
         for numel in (10_000, 6_500_000):
-            for link in (collectives.LinkModel(), collectives.LinkModel(1.25e10, 5e-6)):
+            for link in (pm.LinkModel(), pm.LinkModel(1.25e10, 5e-6)):
                 want = pm.choose_collective(numel, world, None, pm.load_calibration(),
                                             bandwidth_bytes_per_s=link.bandwidth_bytes_per_s,
                                             latency_s=link.latency_s)
-                assert collectives.choose(numel, world, link) == want
+                assert pm.choose(numel, world, link) == want
     # a slow link and many ranks: the all-gather's (N - 1) payloads lose to the two-phase ring
-    assert collectives.choose(6_500_000, 64, collectives.LinkModel(1.25e8)) == "two_phase"
+    assert pm.choose(6_500_000, 64, pm.LinkModel(1.25e8)) == "two_phase"
 
 
 def _hook_bytes(rank, world, out):

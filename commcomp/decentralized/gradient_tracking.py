@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Dict, Optional, Union
 
 import torch
@@ -114,7 +113,6 @@ class GradientTracking(Configurable):
         Option("prox", record=_prox_record),
         Option("prox_params", attr="_prox_names", record=sorted),
         Option("world_size"),
-        Option("metrics_every", partial(validate.integer, low=0), per_rank=True),
     )
 
     def __init__(self, model: torch.nn.Module, optimizer_or_lr: Union[float, torch.optim.Optimizer], *,
@@ -148,8 +146,8 @@ class GradientTracking(Configurable):
         self._set_options(
             topology=topo, compressor_y=compressor_y, compressor_x=compressor_x,
             gamma_x=default_gamma(compressor_x) if gamma_x is None else gamma_x, gamma_y=gamma_y,
-            tracking=tracking, seed=seed, prox=make_prox(prox), world_size=dist.get_world_size(process_group),
-            metrics_every=metrics_every)
+            tracking=tracking, seed=seed, prox=make_prox(prox), world_size=dist.get_world_size(process_group))
+        self.metrics_every = validate.integer(metrics_every, "metrics_every", low=0)  # this rank's own
         self._prox_names = self._select(prox_params)
         for comp in (self.compressor_x, self.compressor_y):
             check_static(comp, topo)

@@ -47,6 +47,14 @@ def _is_world(group) -> bool:
     return group is None or dist.get_process_group_ranks(group) == list(range(dist.get_world_size()))
 
 
+def _code_name(code) -> str:
+    return code.name
+
+
+def _code_digest(code) -> str:
+    return code.digest()
+
+
 class GradientCodingState(HookState):
     """Options of the gradient-coding hook, and its coordinator.
 
@@ -64,12 +72,11 @@ class GradientCodingState(HookState):
     name = "gradient_coding"
     OPTIONS = (
         Option("s", partial(validate.integer, low=0)),
-        Option("code_name"),
+        Option("code", record=_code_name),
         Option("code_seed", validate.seed),
-        Option("code_digest"),
+        Option("code_digest", attr="code", record=_code_digest),
         Option("coordinator", partial(validate.integer, low=0)),
         Option("transport", partial(validate.choice, allowed=("torch", "mpi"))),
-        Option("timeout", validate.positive, per_rank=True),
     )
 
     def __init__(self, process_group=None, s: Optional[int] = None, code="cyclic", n: Optional[int] = None,
@@ -87,9 +94,8 @@ class GradientCodingState(HookState):
         elif code.n != self.world_size or (s is not None and code.s != s):
             raise ValueError(f"commcomp: the given code has (n={code.n}, s={code.s}); this group needs "
                              f"n={self.world_size}" + ("" if s is None else f" and s={s}"))
-        self._set_options(s=code.s, code_name=code.name, code_seed=code_seed, code_digest=code.digest(),
-                          coordinator=coordinator, transport=transport, timeout=timeout)
-        self.code = code
+        self.timeout = validate.positive(timeout, "timeout", hint="seconds any wait may take")  # this rank's own
+        self._set_options(s=code.s, code=code, code_seed=code_seed, coordinator=coordinator, transport=transport)
         # seconds from this rank's first bucket to its last result, for the last 1000 steps
         self.round_times: collections.deque = collections.deque(maxlen=1000)
         self._round_start: Optional[float] = None
@@ -100,7 +106,7 @@ class GradientCodingState(HookState):
     @property
     def dead_ranks(self) -> Dict[int, str]:
         """Ranks the coordinator has given up on (crashed), with the reason."""
-        return {r: self.aggregator.dead[r] for r in self.aggregator._dead_set()}
+        return {r: self.aggregator.dead[r] for r in self.aggregator.dead_set()}
 
     def _extra_state(self) -> dict:
         return {"code": self.code.to_dict()}
@@ -152,7 +158,7 @@ class GradientCodingState(HookState):
         seconds waited for survivors, survivor-set sizes, dead ranks, backlog per peer."""
         agg = self.aggregator
         return {**self.metrics, **agg.metrics, "survivor_counts": dict(agg.survivor_counts),
-                "dead_ranks": sorted(agg._dead_set()), "lag": agg.lag()}
+                "dead_ranks": sorted(agg.dead_set()), "lag": agg.lag()}
 
 
 def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

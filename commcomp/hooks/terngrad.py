@@ -26,6 +26,7 @@ Example::
     >>> state.metrics["bytes_sent"], state.metrics["bytes_sent_fp32_allreduce"]
 """
 
+import dataclasses
 import logging
 from functools import partial
 from typing import Dict, List, Optional
@@ -84,11 +85,12 @@ class TernGradState(HookState):
 
     def _shared_extra(self) -> dict:
         if self._calibration is None:
-            return {}
+            return {}  # the link and the calibration matter only to "auto"
         cal = [self._calibration.get(k) for k in ("seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")]
         return {"auto_collective_calibration": f"{cal} ({self._calibration.get('source', '?')}; give every host "
                                                "the same file with $COMMCOMP_CALIBRATION, or pass "
-                                               "collective='two_phase' (or int8, allgather))"}
+                                               "collective='two_phase' (or int8, allgather))",
+                "auto_collective_link": dataclasses.asdict(self.link)}
 
     def _extra_state(self) -> dict:
         if any(not isinstance(k, str) for k in self.residuals):

@@ -27,14 +27,15 @@ The gradient-coding coordinator's MPI transport is
 
 from __future__ import annotations
 
-import numbers
 from typing import List, Optional, Sequence
 
 import torch
 
 from commcomp import ops
 from commcomp.codecs import Compressor, Identity, Ternary, make_compressor
-from commcomp.coding.coordinator import MPITransport
+from commcomp.coding.transport import MPITransport
+from commcomp.utils import mix_seed, validate
+from commcomp.utils.metrics import ByteCounter, ring_allreduce_bytes
 
 
 def _mpi():
