@@ -1,5 +1,6 @@
 """Predict what a hook buys before running it (:mod:`.model`), from costs measured on the
-local machine (:mod:`.calibrate`); the TernGrad hook's choice of collective (:mod:`.choice`). Command line: ``commcomp perfmodel`` and ``commcomp calibrate``."""
+local machine (:mod:`commcomp.bench.calibrate`); the TernGrad hook's choice of collective
+(:mod:`.choice`). Command line: ``commcomp perfmodel`` and ``commcomp calibrate``."""
 
 from .choice import LinkModel, choose, estimate
 from .model import (

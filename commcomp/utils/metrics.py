@@ -19,7 +19,7 @@ def ring_allreduce_bytes(nbytes: float, world: int) -> int:
 
 class ByteCounter(Mapping):
     """Named byte counters that several threads may add to (DDP's autograd thread sends, the
-    communication thread sends the rest), read like a dict and saved in checkpoints.
+    executor thread sends the rest), read like a dict and saved in checkpoints.
 
     ``counter["bytes_sent"]`` is what this rank put on the wire (payloads and side channels);
     ``counter["bytes_sent_fp32_allreduce"]`` what a ring fp32 all-reduce of the same gradients
