@@ -16,6 +16,7 @@ from commcomp.privacy import PrivacyLedger, accounting
 from commcomp.privacy.mechanisms import NoiseSource
 from tests._dist import spawn
 from tests.hooks._models import local_grads, make_model, rank_batch
+from tests.privacy import _closed_form as closed
 
 # --- 1. noise an eavesdropper cannot regenerate ------------------------------------------------
 
@@ -79,24 +80,39 @@ def test_client_sample_rate_is_carried_out(tmp_path):
 
 
 def test_bucket_scope_is_one_sampled_event_per_step():
-    """The issue's reproduction: sigma 1, q 0.01, 1000 steps of 4 buckets is eps 15.47 (the old
-    ledger composed 4000 independently sampled events: 4.08), and 138 at 16 buckets."""
+    """The issue's reproduction: sigma 1, q 0.01, 1000 steps of 4 buckets is one sampled
+    Gaussian of multiplier 1/2 per step, eps 15.47 (the old ledger composed 4000 independently
+    sampled events of multiplier 1: 4.08), and 138 at 16 buckets. Against the sampled
+    Gaussian's RDP in closed form (Mironov, Talwar, Zhang 2019), which dp-accounting bounds
+    from above at fractional orders: ours may exceed it by a little, never fall below it."""
     for buckets, published in ((4, 15.47), (16, 138.0)):
         ledger = PrivacyLedger(1.0, sample_rate=0.01)
         ledger.record(1000, parts=buckets)
         assert ledger.steps == 1000
+        sigma = 1.0 / math.sqrt(buckets)
+        exact = closed.rdp_epsilon(lambda a: 1000 * closed.sampled_gaussian_rdp(a, sigma, 0.01), 1e-5)
+        assert exact <= ledger.epsilon(1e-5) <= exact * (1 + 3e-3), (ledger.epsilon(1e-5), exact)
         assert ledger.epsilon(1e-5) == pytest.approx(published, rel=2e-3)
+    old = closed.rdp_epsilon(lambda a: 4000 * closed.sampled_gaussian_rdp(a, 1.0, 0.01), 1e-5)
+    assert old == pytest.approx(4.08, abs=0.01)  # what the per-bucket ledger reported
 
 
 # --- 3. replace adjacency at client level -------------------------------------------------------
 
 def test_replace_adjacency_doubles_the_sensitivity():
     """The attack's setting: sigma 6.3767 for 100 steps was eps 8.00 under add/remove; a client
-    that always sends is protected only under replace: 18.85 (RDP), 17.67 (PLD)."""
-    assert accounting.epsilon(6.3767, 100, 1e-5) == pytest.approx(8.00, abs=5e-3)
-    assert accounting.epsilon(6.3767, 100, 1e-5, adjacency="replace") == pytest.approx(18.85, abs=5e-3)
-    pld = accounting.epsilon(6.3767, 100, 1e-5, accountant="pld", adjacency="replace")
-    assert pld == pytest.approx(17.67, abs=5e-3)
+    that always sends is protected only under replace: 18.85 (RDP), 17.67 (PLD). Replace is
+    the Gaussian mechanism of multiplier sigma / 2: RDP alpha / (2 (sigma/2)^2) per step, and
+    the exact epsilon of mu = sqrt(100) / (sigma / 2) (Balle & Wang 2018) for PLD."""
+    sigma = 6.3767
+    add_remove = closed.gaussian_rdp_epsilon(sigma, 100, 1e-5)
+    replace = closed.gaussian_rdp_epsilon(sigma / 2, 100, 1e-5)
+    replace_exact = closed.gaussian_exact_epsilon(sigma / 2, 100, 1e-5)
+    assert (add_remove, replace, replace_exact) == pytest.approx((8.00, 18.85, 17.67), abs=5e-3)
+    assert accounting.epsilon(sigma, 100, 1e-5) == pytest.approx(add_remove, rel=1e-9)
+    assert accounting.epsilon(sigma, 100, 1e-5, adjacency="replace") == pytest.approx(replace, rel=1e-9)
+    pld = accounting.epsilon(sigma, 100, 1e-5, accountant="pld", adjacency="replace")
+    assert pld == pytest.approx(replace_exact, rel=1e-6)
     with pytest.raises(ValueError, match="accountant='pld'"):
         accounting.epsilon(1.0, 10, 1e-5, 0.5, adjacency="replace")
 
@@ -126,7 +142,7 @@ def run_adjacency_default_and_mismatch(rank, world):
     state = SketchDPState(clip_norm=1.0, noise_multiplier=6.3767)
     assert state.adjacency == "replace"
     state.ledger.record(100)
-    assert state.epsilon(1e-5) == pytest.approx(18.85, abs=5e-3)
+    assert state.epsilon(1e-5) == pytest.approx(closed.gaussian_rdp_epsilon(6.3767 / 2, 100, 1e-5), rel=1e-9)
     model = DDP(make_model())
     with pytest.raises(RuntimeError, match="adjacency"):  # at registration, not at a step
         commcomp.register(model, "sketch_dp", clip_norm=1.0, noise_multiplier=1.0,
@@ -251,11 +267,15 @@ def test_side_channels_are_refused_at_registration(tmp_path):
 
 
 def test_pld_calibration_is_bracketed_and_tight():
-    """It used to start PLD at sigma 1e-3 and die with MemoryError."""
+    """It used to start PLD at sigma 1e-3 and die with MemoryError. Unsampled, the exact
+    epsilon of the Gaussian mechanism (Balle & Wang 2018) says how tight it is."""
     sigma = accounting.noise_for_epsilon(2.0, 1e-5, 100, accountant="pld")
-    assert accounting.epsilon(sigma, 100, 1e-5, accountant="pld") <= 2.0
-    assert accounting.epsilon(sigma * 0.995, 100, 1e-5, accountant="pld") > 2.0
-    assert sigma < accounting.noise_for_epsilon(2.0, 1e-5, 100)  # tighter than RDP
+    exact = closed.gaussian_exact_epsilon
+    assert exact(sigma, 100, 1e-5) <= 2.0 < exact(sigma * 0.995, 100, 1e-5)
+    rdp_sigma = accounting.noise_for_epsilon(2.0, 1e-5, 100)
+    rdp = closed.gaussian_rdp_epsilon
+    assert rdp(rdp_sigma, 100, 1e-5) <= 2.0 < rdp(rdp_sigma * 0.995, 100, 1e-5)
+    assert sigma < rdp_sigma  # tighter than RDP
 
 
 def run_ddp_modes(rank, world):
