@@ -1,6 +1,7 @@
 """The sketch + DP hook through real DDP on gloo: the all-reduced sketches are the sketch of
 the sum, an orthogonal sketch without noise reproduces the plain average, clipping bounds
-each rank, epsilon matches an independent dp-accounting computation, seeds are checked,
+each rank, epsilon matches closed forms (RDP of the Gaussian mechanism, its exact (epsilon,
+delta), the sampled Gaussian's RDP; tests/privacy/_closed_form.py), seeds are checked,
 non-finite gradients fail on every rank without touching the model, checkpoints round-trip,
 and record-level DP runs on Opacus' per-sample gradients."""
 
@@ -16,6 +17,8 @@ from commcomp.hooks import SketchDPState
 from commcomp.utils import mix_seed
 from tests._dist import spawn
 from tests.hooks._models import local_grads, make_model, rank_batch, true_mean
+from tests.hooks._mutants import MUTANTS, expect_caught, installed
+from tests.privacy import _closed_form as closed
 
 
 def ddp_model(**options):
@@ -50,18 +53,38 @@ def test_allreduce_of_sketches_is_sketch_of_sum(tmp_path, kind):
 
 # --- orthogonal sketch, no noise: the plain average ----------------------------------------
 
+def check_plain_average(grads, mean):
+    """An orthogonal sketch (srht at ratio 1) without noise or clipping: every rank's gradient
+    is the plain average of the ranks' local gradients."""
+    for g, m in zip(grads, mean):
+        torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-6)
+
+
 def run_orthogonal(rank, world, clip_scope):
     model, state = ddp_model(sketch="srht", sketch_ratio=1.0, clip_scope=clip_scope)
     mean, _ = true_mean(world)
     for _ in range(2):
-        for g, m in zip(local_grads(model, rank), mean):
-            torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-6)
+        check_plain_average(local_grads(model, rank), mean)
     assert state.step == 2 and state.epsilon() == math.inf  # no noise, no clipping: no privacy
 
 
 @pytest.mark.parametrize("world,clip_scope", [(2, "model"), (4, "bucket")])
 def test_orthogonal_sketch_without_noise_is_plain_average(tmp_path, world, clip_scope):
     spawn(run_orthogonal, world, tmp_path, clip_scope)
+
+
+def run_orthogonal_mutants(rank, world):
+    mean, _ = true_mean(world)
+    for mutant in MUTANTS:
+        with installed("sketch_dp", mutant):
+            model, _ = ddp_model(sketch="srht", sketch_ratio=1.0)
+            expect_caught(mutant, check_plain_average, local_grads(model, rank), mean)
+
+
+def test_plain_average_check_catches_wrong_hooks(tmp_path):
+    """The check above fails for a hook that returns its input, one biased by 1.1, and one
+    that drops the sign (tests/hooks/_mutants.py)."""
+    spawn(run_orthogonal_mutants, 2, tmp_path)
 
 
 # --- clipping bounds each rank's contribution ---------------------------------------------
@@ -97,7 +120,7 @@ def test_sketch_placement_clips_the_sketch(tmp_path):
     spawn(run_clip_sketch_space, 2, tmp_path)
 
 
-# --- noise: unbiased, and epsilon from dp-accounting ---------------------------------------
+# --- noise: unbiased, and epsilon from closed forms ------------------------------------------
 
 def run_noise(rank, world, steps):
     sigma, C = 0.8, 1.0
@@ -112,34 +135,50 @@ def run_noise(rank, world, steps):
     err = total / steps - x
     assert err.abs().max() < 5 * std
     assert 0.7 * std < err.std() < 1.3 * std  # the noise is really there, at its scale
-    # client level replaces by default: distance 2C, i.e. sigma / 2 under add/remove
-    half = commcomp.privacy.epsilon(sigma / 2, steps, 1e-5)
-    assert state.epsilon(1e-5) == pytest.approx(half, rel=1e-9)
-    assert state.epsilon(1e-5) > 1.5 * commcomp.privacy.epsilon(sigma, steps, 1e-5)
+    # client level replaces by default: distance 2C, i.e. a Gaussian mechanism of multiplier
+    # sigma / 2 per step; RDP alpha / (2 (sigma/2)^2) per step, added over the steps
+    replace = closed.gaussian_rdp_epsilon(sigma / 2, steps, 1e-5)
+    assert state.epsilon(1e-5) == pytest.approx(replace, rel=1e-9)
+    assert replace > 2.5 * closed.gaussian_rdp_epsilon(sigma, steps, 1e-5)  # add/remove would be far less
     assert state.ledger.steps == steps
 
 
-def test_noise_scale_and_epsilon_match_dp_accounting(tmp_path):
+def test_noise_scale_and_epsilon_match_the_closed_form(tmp_path):
     spawn(run_noise, 2, tmp_path, 40)
 
 
-def test_epsilon_pld_and_subsampled_match_dp_accounting():
-    import dp_accounting
-
-    for q in (1.0, 0.01):
-        acc = dp_accounting.pld.PLDAccountant()
-        event = dp_accounting.GaussianDpEvent(1.3)
-        if q < 1:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        acc.compose(dp_accounting.SelfComposedDpEvent(event, 250))
-        ours = commcomp.privacy.epsilon(1.3, 250, 1e-6, sample_rate=q, accountant="pld")
-        assert ours == pytest.approx(acc.get_epsilon(1e-6), rel=1e-9)
+def test_pld_epsilon_is_the_exact_gaussian_mechanism():
+    """Without sampling, T steps of multiplier sigma are one Gaussian mechanism whose means are
+    sqrt(T) / sigma stds apart: PLD must return its exact epsilon (Balle & Wang 2018)."""
+    for sigma, steps, delta in ((1.3, 1, 1e-6), (5.0, 100, 1e-5)):
+        ours = commcomp.privacy.epsilon(sigma, steps, delta, accountant="pld")
+        assert ours == pytest.approx(closed.gaussian_exact_epsilon(sigma, steps, delta), rel=1e-6)
 
 
-def test_noise_for_epsilon_is_tight():
+def test_pld_epsilon_of_sampled_steps():
+    q, sigma = 0.01, 1.3
+    # one sampled step: exact, from the mixture's two normal tails
+    ours = commcomp.privacy.epsilon(sigma, 1, 1e-6, sample_rate=q, accountant="pld")
+    assert ours == pytest.approx(closed.sampled_gaussian_exact_epsilon(sigma, q, 1e-6), rel=1e-6)
+    # 250 sampled steps: above what one distinguishing test proves, below the RDP bound
+    ours = commcomp.privacy.epsilon(sigma, 250, 1e-6, sample_rate=q, accountant="pld")
+    low = closed.sampled_gaussian_epsilon_lower_bound(sigma, q, 250, 1e-6)
+    high = closed.rdp_epsilon(lambda a: 250 * closed.sampled_gaussian_rdp(a, sigma, q), 1e-6)
+    assert low <= ours <= high, (low, ours, high)
+    assert ours > 2 * commcomp.privacy.epsilon(sigma, 1, 1e-6, sample_rate=q, accountant="pld")  # composed
+
+
+def test_rdp_epsilon_of_sampled_steps_and_noise_for_epsilon():
+    """The sampled Gaussian's RDP (Mironov, Talwar, Zhang 2019) through the same conversion.
+    dp-accounting bounds the RDP at fractional orders from above (its series adds the terms'
+    magnitudes), so ours may exceed the closed form, by well under 0.1% here."""
+    def rdp_eps(sigma):
+        return closed.rdp_epsilon(lambda a: 100 * closed.sampled_gaussian_rdp(a, sigma, 0.1), 1e-5)
+
+    ours, exact = commcomp.privacy.epsilon(2.0, 100, 1e-5, 0.1), rdp_eps(2.0)
+    assert exact <= ours <= exact * (1 + 1e-3), (ours, exact)
     sigma = commcomp.privacy.noise_for_epsilon(4.0, 1e-5, steps=100, sample_rate=0.1)
-    assert commcomp.privacy.epsilon(sigma, 100, 1e-5, 0.1) <= 4.0
-    assert commcomp.privacy.epsilon(sigma * 0.99, 100, 1e-5, 0.1) > 4.0
+    assert rdp_eps(sigma) <= 4.0 < rdp_eps(sigma * 0.99)  # tight: 1% less noise overspends
 
 
 def run_budget(rank, world):
@@ -167,11 +206,12 @@ def run_bucket_scope_ledger(rank, world):
     assert state.ledger.steps == 3  # one mechanism per step, not per bucket
     buckets = max(parts)
     assert buckets > 1
-    # B buckets clipped to C with noise 2C each: one Gaussian with multiplier 2 / sqrt(B) per step
-    expect = commcomp.privacy.accounting._epsilon_of(
-        [(2.0 / math.sqrt(b), n) for b, n in parts.items()], 1e-5, 1.0, "rdp", "add_remove")
-    assert state.epsilon(1e-5) == pytest.approx(expect)
-    assert state.epsilon(1e-5) > commcomp.privacy.epsilon(2.0, 3, 1e-5)
+    # B buckets clipped to C with noise 2C each: one Gaussian with multiplier 2 / sqrt(B) per
+    # step, RDP alpha B / (2 * 2^2), added over the steps
+    expect = closed.rdp_epsilon(lambda a: sum(n * closed.gaussian_rdp(a, 2.0 / math.sqrt(b))
+                                              for b, n in parts.items()), 1e-5)
+    assert state.epsilon(1e-5) == pytest.approx(expect, rel=1e-9)
+    assert state.epsilon(1e-5) > closed.gaussian_rdp_epsilon(2.0, 3, 1e-5)  # costlier than unsplit
 
 
 def test_bucket_scope_accounts_one_mechanism_per_step(tmp_path):
