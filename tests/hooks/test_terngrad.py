@@ -1,5 +1,8 @@
 """TernGrad through real DDP on gloo: unbiasedness across several buckets, every collective,
-bf16 gradients, uncompressed small layers, NaN propagation, option checks, checkpoints."""
+bf16 gradients (and that check catches wrong hooks), uncompressed small layers, NaN
+propagation, option checks, checkpoints."""
+
+import re
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import commcomp
 from commcomp.hooks import TernGradState
 from tests._dist import spawn
 from tests.hooks._models import local_grads, make_model, rank_batch, true_mean
+from tests.hooks._mutants import MUTANTS, expect_caught, installed
 
 
 def ddp_model(dtype, **options):
@@ -17,7 +21,9 @@ def ddp_model(dtype, **options):
     return model, state
 
 
-def run_unbiased(rank, world, collective, dtype, steps):
+def average_output(rank, world, collective, dtype, steps):
+    """The hook's output averaged over `steps` steps at the same gradients, and what it is
+    checked against: every rank's gradient (and their mean) and each layer's shared scale."""
     model, state = ddp_model(dtype, clip_factor=None, collective=collective, min_compress_numel=0, seed=7)
     mean, per_rank = true_mean(world, dtype)
     # Shared scale per layer without clipping: max over ranks of max |g_r|.
@@ -27,14 +33,43 @@ def run_unbiased(rank, world, collective, dtype, steps):
         grads = local_grads(model, rank, dtype)  # through DDP and the hook
         for t, g in zip(total, grads):
             t += g
-    requantized = "two_phase" in state.choices.values()
-    for t, m, s in zip(total, mean, scales):
+    return [t / steps for t in total], mean, per_rank, scales, state
+
+
+def check_unbiased(average, mean, per_rank, scales, steps, requantized, dtype):
+    """TernGrad's output is unbiased: its average over `steps` steps is within 5 sigma of the
+    true mean per element, and along the mean (a bias in scale, too small to see in one
+    element, adds up along it: a hook that returned 1.1 times the mean passed the first check)."""
+    world = len(per_rank)
+    for k, (avg, m, s) in enumerate(zip(average, mean, scales)):
         # Per element, one step: the mean of W codes * s has variance <= s^2 / (4 W); two_phase
         # re-ternarizes that mean, adding <= s^2 / 4. Over K steps divide by K; allow 5 sigma,
         # plus bf16 rounding of the result when the model is bf16.
+        s = float(s)
         var = s**2 / (4 * world) + (s**2 / 4 if requantized else 0)
-        tol = 5 * (var / steps) ** 0.5 + (2**-8 * s if dtype == torch.bfloat16 else 0)
-        assert bool(((t / steps - m).abs() <= tol).all()), ((t / steps - m).abs().max(), tol)
+        rounding = 2**-8 * s if dtype == torch.bfloat16 else 0.0
+        err = (avg - m).double()
+        tol = 5 * (var / steps) ** 0.5 + rounding
+        assert bool((err.abs() <= tol).all()), (k, float(err.abs().max()), tol)
+        # Along m: <err, m> / <m, m> is the relative scale error. Rounding g to s * b, b a coin
+        # in {0, sign g}, has variance s|g| - g^2 <= s|g|; the mean of W ranks' codes has
+        # var1 <= min(sum_r s|g_r| / W^2, s^2 / (4 W)); two_phase's second rounding of that
+        # mean v adds at most min(s E|v|, s^2 / 4) <= min(s (|m| + sqrt(var1)), s^2 / 4).
+        # Elements round independently: over K steps the projection has variance
+        # <= sum m^2 var / (K <m, m>^2). 5 sigma, plus bf16 rounding.
+        m = m.double()
+        var1 = torch.clamp(sum(s * g[k].double().abs() for g in per_rank) / world**2, max=s**2 / (4 * world))
+        var = var1 + (torch.clamp(s * (m.abs() + var1.sqrt()), max=s**2 / 4) if requantized else 0)
+        mm = float((m * m).sum())
+        scale_err = float((err * m).sum()) / mm
+        scale_tol = 5 * float((m * m * var).sum() / steps) ** 0.5 / mm + rounding * float(m.abs().sum()) / mm
+        assert abs(scale_err) <= scale_tol, (k, scale_err, scale_tol)
+
+
+def run_unbiased(rank, world, collective, dtype, steps):
+    average, mean, per_rank, scales, state = average_output(rank, world, collective, dtype, steps)
+    requantized = "two_phase" in state.choices.values()
+    check_unbiased(average, mean, per_rank, scales, steps, requantized, dtype)
     assert state.step == steps
     ratio = state.compression_ratio()
     assert ratio > (8 if collective != "int8" else 3), ratio
@@ -47,6 +82,22 @@ def test_hook_is_unbiased_over_steps(tmp_path, collective):
 
 def test_hook_four_ranks_bf16(tmp_path):
     spawn(run_unbiased, 4, tmp_path, "two_phase", torch.bfloat16, 100)
+
+
+def run_unbiased_mutants(rank, world, steps):
+    for mutant in MUTANTS:
+        with installed("terngrad", mutant):
+            average, mean, per_rank, scales, _ = average_output(rank, world, "int8", torch.float32, steps)
+        expect_caught(mutant, check_unbiased, average, mean, per_rank, scales, steps, False, torch.float32)
+
+
+def test_unbiasedness_check_catches_wrong_hooks(tmp_path):
+    """check_unbiased, at the normal test's step count, fails for a hook that returns its input,
+    one biased by 1.1 and one that drops the sign (tests/hooks/_mutants.py). Margins measured
+    (statistic / tolerance, largest layer): input 4.7 per element, x1.1 2.4 along the mean
+    (0.8 per element: the along-the-mean check is what catches it), sign 26; two_phase's wider
+    tolerance leaves x1.1 only 1.3-1.5, so the mutants run on int8."""
+    spawn(run_unbiased_mutants, 2, tmp_path, 150)
 
 
 def run_uncompressed(rank, world):
@@ -136,9 +187,13 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def run_bad_options(rank, world):
-    for bad in ({"clip_factor": 0}, {"collective": "ring"}, {"min_compress_numel": -1}, {"seed": -1}):
-        with pytest.raises(ValueError):
-            TernGradState(**bad)
+    bad = [({"clip_factor": 0}, r"clip_factor must be .*> 0.*got 0"),
+           ({"collective": "ring"}, r"collective must be one of \(.*'two_phase'\), got 'ring'"),
+           ({"min_compress_numel": -1}, re.escape("min_compress_numel must be an int >= 0, got -1")),
+           ({"seed": -1}, re.escape("seed must be an int in [0, 2**63), got -1"))]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            TernGradState(**options)
     with pytest.raises(ValueError, match="unknown hook 'ternary'; available"):
         commcomp.register(DDP(make_model()), "ternary")
     with pytest.raises(TypeError, match="needs a DistributedDataParallel"):
