@@ -1,6 +1,6 @@
-"""Gradient coding through real DDP on gloo: coded training equals uncoded training, a
-sleeping rank does not delay the others, a killed rank is survived (up to s of them), and
-the errors are clear."""
+"""Gradient coding through real DDP on gloo: coded training equals uncoded training (and that
+check catches wrong hooks), a sleeping rank does not delay the others, a killed rank is
+survived (up to s of them), more than s killed is a clear error, and the errors are clear."""
 
 import os
 import signal
@@ -16,6 +16,7 @@ from commcomp.coding import make_code
 from commcomp.hooks import GradientCodingState
 from tests._dist import spawn, spawn_allowing_deaths
 from tests.hooks._models import make_model
+from tests.hooks._mutants import MUTANTS, expect_caught, installed
 
 LR = 0.1
 
@@ -68,6 +69,12 @@ def train(model, code, rank, steps, delay=lambda step: 0.0, die_at=None):
         opt.step()
 
 
+def check_matches_uncoded(model, world, steps):
+    """After `steps` coded SGD steps the model is the one plain SGD on all n partitions reaches."""
+    for p, want in zip(model.parameters(), uncoded_params(world, steps)):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
 def run_matches_uncoded(rank, world, code_name, s):
     model = DDP(make_model(), broadcast_buffers=False, bucket_cap_mb=0.001)  # several buckets
     state = commcomp.register(model, "gradient_coding", s=s, code=code_name)
@@ -75,8 +82,7 @@ def run_matches_uncoded(rank, world, code_name, s):
     steps = 6
     train(model, state.code, rank, steps, delay=lambda step: 0.3 if step % world == rank and step > 0 else 0.0)
     assert state.close()
-    for p, want in zip(model.parameters(), uncoded_params(world, steps)):
-        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+    check_matches_uncoded(model, world, steps)
     assert_replicas_agree(model, world)
     assert state.step == steps
     if rank == 0:
@@ -87,6 +93,25 @@ def run_matches_uncoded(rank, world, code_name, s):
 @pytest.mark.parametrize("code_name", ["cyclic", "fractional"])
 def test_coded_training_matches_uncoded(tmp_path, code_name):
     spawn(run_matches_uncoded, 4, tmp_path, code_name, 1)
+
+
+def run_mutants(rank, world):
+    steps = 3
+    for mutant in MUTANTS:
+        # a group per model: no coordinator message of one state can reach the next
+        group = dist.new_group(list(range(world)))
+        with installed("gradient_coding", mutant):
+            model = DDP(make_model(), process_group=group, broadcast_buffers=False, bucket_cap_mb=0.001)
+            state = commcomp.register(model, "gradient_coding", s=1, code="cyclic", timeout=60)
+        train(model, state.code, rank, steps)
+        state.close(timeout=30)
+        expect_caught(mutant, check_matches_uncoded, model, world, steps)
+
+
+def test_uncoded_check_catches_wrong_hooks(tmp_path):
+    """check_matches_uncoded fails for a hook that returns its input (the coded combination),
+    one biased by 1.1 and one that drops the sign (tests/hooks/_mutants.py)."""
+    spawn(run_mutants, 3, tmp_path)
 
 
 def run_sleeper(rank, world, stamps):
@@ -124,6 +149,8 @@ def run_killed(rank, world, victims, s):
     expected = "tolerates s=1" if rank == 0 else "tolerates s=1|lost the gradient-coding coordinator"
     with pytest.raises(RuntimeError, match=expected):
         train(model, state.code, rank, 6, die_at=2 if rank in victims else None)
+    if rank == 0:  # the coordinator gave up because the victims died, and knows which
+        assert set(state.dead_ranks) == set(victims), state.dead_ranks
 
 
 def test_killed_worker_does_not_stop_training(tmp_path):
@@ -132,14 +159,16 @@ def test_killed_worker_does_not_stop_training(tmp_path):
 
 
 def test_more_dead_workers_than_s_is_a_clear_error(tmp_path):
-    spawn_allowing_deaths(run_killed, 4, tmp_path, (2, 3), 1, may_die=(2, 3))
+    codes = spawn_allowing_deaths(run_killed, 4, tmp_path, (2, 3), 1, may_die=(2, 3))
+    # the victims died of the kill (a victim failing otherwise, or living on, is allowed by may_die)
+    assert codes[2] == codes[3] == -signal.SIGKILL, codes
 
 
 def run_bad_options(rank, world):
     model = DDP(make_model(), broadcast_buffers=False)
     with pytest.raises(ValueError, match="n=3 but the group has 2 ranks"):
         GradientCodingState(n=3, s=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"tolerates s in 0\.\.1 .*got s=2"):
         GradientCodingState(s=2)  # s >= n
     with pytest.raises(ValueError, match="timeout"):
         GradientCodingState(s=1, timeout=0)
