@@ -1,4 +1,5 @@
-"""DProxSGT / CDProxSGT across spawned gloo ranks, against exact computations."""
+"""DProxSGT / CDProxSGT across spawned gloo ranks, against exact computations (and the DDP
+hook's exact check catches wrong hooks)."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch.distributed as dist
 
 from commcomp.decentralized import L1, GradientTracking, Topology, ring
 from tests._dist import spawn
+from tests.hooks._mutants import MUTANTS, expect_caught, installed
 
 D = 6  # problem dimension
 
@@ -76,24 +78,68 @@ def _assert_matches_centralized(model, start, world, steps, lr, lam):
                                rtol=1e-10, atol=1e-12)
 
 
-def run_equals_centralized_ddp(rank, world):
+def _mean_gradient(x, world):
+    """(1/n) sum_i grad f_i at the flat point x, in one process (no hook, no exchange)."""
+    m = _Lin()
+    with torch.no_grad():
+        m.w.copy_(x[:D])
+        m.v.copy_(x[D:])
+    (sum(m.loss(_matrices(world)[i], _targets(world)[i]) for i in range(world)) / world).backward()
+    return torch.cat([m.w.grad, m.v.grad])
+
+
+def train_through_ddp_hook(rank, world, steps, lr, lam, via_register=False, group=None):
+    """DProxSGT on the complete graph with exact messages through the DDP hook (registered by
+    GradientTracking, or by commcomp.register and given as tracker=). Returns the starting
+    point, the model, and per step this rank's model x_i and the hook's output y_i."""
     from torch.nn.parallel import DistributedDataParallel
+
+    import commcomp
 
     torch.manual_seed(0)
     model = _Forward()
     with torch.no_grad():
         model.w.normal_()
-    steps, lr, lam = 12, 0.1, 0.05
-    ddp = DistributedDataParallel(model, bucket_cap_mb=1e-5)
-    gt = GradientTracking(ddp, lr, topology="complete", prox=L1(lam))
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1e-5, process_group=group)
+    tracker = commcomp.register(ddp, "gradient_tracking", topology="complete") if via_register else None
+    gt = GradientTracking(ddp, lr, topology="complete", prox=L1(lam), tracker=tracker)
     assert gt.hook_state is not None
     start = _params(model).clone()
     a, b = _matrices(world)[rank], _targets(world)[rank]
+    tracked = []
     for _ in range(steps):
         gt.zero_grad()
+        x = _params(model).clone()
         (0.5 * ((a @ ddp(None) - b) ** 2).sum() + 0.5 * ((model.v - b[:2]) ** 2).sum()).backward()
+        tracked.append((x, torch.cat([model.w.grad, model.v.grad]).clone()))  # y_i: what the hook returned
         gt.step()
+    return start, model, tracked
+
+
+def check_tracking_hook(start, model, tracked, world, steps, lr, lam):
+    """Complete graph, exact mixing (W = 11^T / n, gamma 1): the hook's y_i is the average
+    gradient at x_i from the first step on (y^t = W (y^{t-1} + g^t - g^{t-1})), and training
+    is centralized proximal GD."""
+    for t, (x, y) in enumerate(tracked):
+        torch.testing.assert_close(y, _mean_gradient(x, world), rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"step {t}: y_i != mean gradient: {m}")
     _assert_matches_centralized(model, start, world, steps, lr, lam)
+
+
+def run_equals_centralized_ddp(rank, world):
+    steps, lr, lam = 12, 0.1, 0.05
+    start, model, tracked = train_through_ddp_hook(rank, world, steps, lr, lam)
+    check_tracking_hook(start, model, tracked, world, steps, lr, lam)
+
+
+def run_ddp_hook_mutants(rank, world):
+    steps, lr, lam = 4, 0.1, 0.05
+    for mutant in MUTANTS:
+        group = dist.new_group(list(range(world)))  # no message of one model's exchanges reaches the next
+        with installed("gradient_tracking", mutant):
+            start, model, tracked = train_through_ddp_hook(rank, world, steps, lr, lam, via_register=True,
+                                                           group=group)
+        expect_caught(mutant, check_tracking_hook, start, model, tracked, world, steps, lr, lam)
 
 
 def run_equals_centralized_plain(rank, world):
@@ -118,6 +164,13 @@ def test_complete_graph_identity_equals_centralized_prox_sgd(tmp_path):
 
 def test_complete_graph_identity_equals_centralized_prox_sgd_through_ddp_hook(tmp_path):
     spawn(run_equals_centralized_ddp, 4, tmp_path)
+
+
+def test_ddp_hook_check_catches_wrong_hooks(tmp_path):
+    """check_tracking_hook fails for a hook that returns the local gradient (no tracking), one
+    biased by 1.1 and one that drops the sign (tests/hooks/_mutants.py), installed through
+    commcomp.register and handed to GradientTracking as tracker=."""
+    spawn(run_ddp_hook_mutants, 3, tmp_path)
 
 
 # -- the tracking invariant, every step, with compression
