@@ -1,7 +1,16 @@
 """Every hook with CUDA gradients: 2 ranks on gloo sharing one GPU (gloo moves CUDA tensors
 across processes), and NCCL with one rank (one GPU: NCCL cannot run two ranks on one device).
-The replicas must agree after a few steps, and the parameters must stay finite and on the GPU.
-Skipped without a CUDA device (CI); run on the GPU machine by benchmarks/gpu.sh."""
+
+The first step's gradient (what the hook returned) is checked against what the algorithm must
+return, computed on the GPU without DDP or the hook from every rank's batch: the exact mean
+where the algorithm is exact (gradient coding, exact gradient tracking, an orthogonal sketch
+with clipping), the clipped mean plus noise of the right std (sketch_dp with noise), ternary
+values with the gradient's signs (TernGrad, whose layers are compressed here: the default
+min_compress_numel would send this model's small layers in fp32), and never the rank's own
+gradient. With one NCCL rank averaging is the identity, so these are the checks that a hook
+returning its input fails. Then the replicas must agree after a few steps, and the
+parameters must stay finite, on the GPU, and move. Skipped without a CUDA device (CI); run
+on the GPU machine by benchmarks/gpu.sh."""
 
 import datetime
 import os
@@ -20,33 +29,108 @@ from tests.hooks._models import make_model, rank_batch
 pytestmark = pytest.mark.cuda
 
 STEPS = 4
+CLIP = 1e-3  # far below this model's gradient norms: clipping binds on every rank
+TERNGRAD = {"min_compress_numel": 0}  # compress every layer (the default sends layers < 1024 in fp32)
+# name -> (hook, options, first-step check: see _check_first_step)
 CASES = {
-    "terngrad-int8": ("terngrad", {"collective": "int8"}),
-    "terngrad-allgather": ("terngrad", {"collective": "allgather"}),
-    "terngrad-two_phase": ("terngrad", {"collective": "two_phase", "error_feedback": True}),
-    "sketch_dp": ("sketch_dp", {"sketch_ratio": 0.2, "noise_multiplier": 0.5, "clip_norm": 1.0}),
+    "terngrad-int8": ("terngrad", {**TERNGRAD, "collective": "int8"}, "ternary"),
+    "terngrad-allgather": ("terngrad", {**TERNGRAD, "collective": "allgather"}, "ternary"),
+    "terngrad-two_phase": ("terngrad", {**TERNGRAD, "collective": "two_phase", "error_feedback": True},
+                           "ternary"),
+    "sketch_dp": ("sketch_dp", {"sketch_ratio": 0.2, "noise_multiplier": 0.5, "clip_norm": 1.0}, None),
     # s close to d: many rows drawn 3+ times, whose de-sketch sum order must not differ by rank
     "sketch_dp-srht": ("sketch_dp", {"sketch": "srht", "sketch_ratio": 0.9, "noise_multiplier": 0.5,
-                                     "clip_norm": 1.0}),
-    "gradient_coding": ("gradient_coding", {"s": 1}),
-    "gradient_tracking-ternary": ("gradient_tracking", {"compressor": "ternary"}),
-    "gradient_tracking-exact": ("gradient_tracking", {"compressor": None}),
+                                     "clip_norm": 1.0}, None),
+    # an orthogonal sketch (srht at ratio 1): R^T R = I, so the result is known exactly
+    "sketch_dp-clipped": ("sketch_dp", {"sketch": "srht", "sketch_ratio": 1.0, "clip_norm": CLIP},
+                          "clipped_mean"),
+    "sketch_dp-noise": ("sketch_dp", {"sketch": "srht", "sketch_ratio": 1.0, "clip_norm": CLIP,
+                                      "noise_multiplier": 1.0}, "noisy_mean"),
+    "gradient_coding": ("gradient_coding", {"s": 1}, "mean"),
+    "gradient_tracking-ternary": ("gradient_tracking", {"compressor": "ternary"}, None),
+    # complete graph (2 ranks), exact messages, gamma 1: y_i = W g = the mean gradient at step 0
+    "gradient_tracking-exact": ("gradient_tracking", {"compressor": None}, "mean"),
 }
 
 
-def _train(rank, world, name, options):
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _first_step_inputs(name, state, world, dev):
+    """What every rank's hook is given at step 0, from the shared starting model on the GPU
+    without DDP: [rank's gradient], and the mean the algorithm estimates (for gradient coding
+    the coded combinations, and the mean of the partitions' gradients)."""
+    ref = make_model().to(dev)
+
+    def grad(j):
+        ref.zero_grad()
+        x, y = rank_batch(j)
+        ((ref(x.to(dev)) - y.to(dev)) ** 2).mean().backward()
+        return _flat([p.grad.detach().clone() for p in ref.parameters()])
+
+    if name == "gradient_coding":
+        parts = [grad(j) for j in range(world)]
+        code = state.code
+        coded = [sum(float(code.B[r, j]) * parts[j] for j in code.partitions(r)) for r in range(world)]
+        return coded, torch.stack(parts).mean(0)
+    local = [grad(r) for r in range(world)]
+    return local, torch.stack(local).mean(0)
+
+
+def _check_first_step(case, out, inputs, mean, rank, world, options, lengths):
+    """`out`: this rank's flat gradient after its first backward through DDP and the hook."""
+    check = CASES[case][2]
+    assert out.is_cuda and torch.isfinite(out).all(), f"{case}: non-finite or not on the GPU"
+    own = inputs[rank]
+    assert not torch.allclose(out, own, rtol=1e-3, atol=1e-7), f"{case}: the hook returned its input"
+    if check == "mean":
+        torch.testing.assert_close(out, mean, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{case}: not the mean: {m}")
+    elif check in ("clipped_mean", "noisy_mean"):
+        clipped = torch.stack([g * min(1.0, CLIP / float(g.norm())) for g in inputs]).mean(0)
+        if check == "clipped_mean":
+            torch.testing.assert_close(out, clipped, rtol=1e-4, atol=1e-9,
+                                       msg=lambda m: f"{case}: not the mean of the clipped gradients: {m}")
+        else:  # each rank adds N(0, (sigma C)^2) per coordinate; the mean of W has std sigma C / sqrt(W)
+            noise = (out - clipped).double()
+            std = options["noise_multiplier"] * CLIP / world ** 0.5
+            n = noise.numel()
+            assert abs(float(noise.mean())) < 5 * std / n ** 0.5, (case, float(noise.mean()), std)
+            # the sample std of n = 1535 draws is within 10% of std but with odds of 5.5 sigma
+            assert 0.9 * std < float(noise.std()) < 1.1 * std, (case, float(noise.std()), std)
+    elif check == "ternary":
+        pos = 0
+        for n in lengths:
+            layer, g = out[pos:pos + n], own[pos:pos + n]
+            pos += n
+            values = torch.unique(layer)
+            if world == 1:  # this rank's own codes: {-c, 0, c}, with the signs of its gradient
+                c = float(layer.abs().max())
+                assert c > 0 and all(float(v) in (-c, 0.0, c) for v in values), (case, values[:8])
+                same_sign = (layer == 0) | (torch.sign(layer) == torch.sign(g))
+                assert bool(same_sign.all()), f"{case}: a sign flipped"
+            elif n > 10 * world:  # a mean of W ranks' ternary codes: a few levels, not a float gradient
+                assert values.numel() <= 4 * world + 1, (case, n, values.numel())
+    else:
+        assert check is None, check
+
+
+def _train(rank, world, case):
+    name, options = CASES[case][:2]
     torch.manual_seed(0)
     dev = torch.device("cuda", 0)
     model = DDP(make_model().to(dev), device_ids=[0], broadcast_buffers=False, bucket_cap_mb=0.001)
     if name == "gradient_tracking":
         gt = commcomp.decentralized.GradientTracking(model, 0.05, topology="ring" if world > 2 else "complete",
                                                      **options)
+        state = gt.hook_state
         step = gt.step
-        opt = None
     else:
         state = commcomp.register(model, name, **options)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         step = opt.step
+    inputs, mean = _first_step_inputs(name, state, world, dev)
     for i in range(STEPS):
         model.zero_grad()
         if name == "gradient_coding":
@@ -58,6 +142,10 @@ def _train(rank, world, name, options):
             x, y = rank_batch(100 * i + rank)
             loss = ((model(x.to(dev)) - y.to(dev)) ** 2).mean()
         loss.backward()
+        if i == 0:
+            out = _flat([p.grad.detach() for p in model.parameters()])
+            lengths = [p.numel() for p in model.parameters()]
+            _check_first_step(case, out, inputs, mean, rank, world, options, lengths)
         step()
     if name == "gradient_coding":
         assert state.close()
@@ -71,30 +159,32 @@ def _train(rank, world, name, options):
         every = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(every, flat)
         for r in range(1, world):
-            assert torch.equal(every[r], every[0]), f"{name}: rank {r}'s model differs from rank 0's"
+            assert torch.equal(every[r], every[0]), f"{case}: rank {r}'s model differs from rank 0's"
     start = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()]).to(dev)
-    assert not torch.equal(flat, start), f"{name}: the model did not move"
+    assert not torch.equal(flat, start), f"{case}: the model did not move"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hook_on_cuda_over_gloo(tmp_path, case):
-    name, options = CASES[case]
-    spawn(_train, 2, tmp_path, name, options)
+    spawn(_train, 2, tmp_path, case)
 
 
-def _nccl_entry(rank, init_file, name, options):
+def _nccl_entry(rank, init_file, case):
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        _train(0, 1, name, options)
+        _train(0, 1, case)
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
 
 
+NCCL_CASES = ["terngrad-int8", "terngrad-allgather", "terngrad-two_phase", "sketch_dp", "sketch_dp-clipped",
+              "sketch_dp-noise"]
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs NCCL")
-@pytest.mark.parametrize("case", ["terngrad-int8", "terngrad-allgather", "terngrad-two_phase", "sketch_dp"])
+@pytest.mark.parametrize("case", NCCL_CASES)
 def test_hook_on_nccl_one_rank(tmp_path, case):
-    name, options = CASES[case]
-    mp.spawn(_nccl_entry, args=(os.path.join(str(tmp_path), "rdzv"), name, options), nprocs=1, join=True)
+    mp.spawn(_nccl_entry, args=(os.path.join(str(tmp_path), "rdzv"), case), nprocs=1, join=True)
