@@ -4,8 +4,8 @@ The packages form layers, each importing only from those below it: :mod:`commcom
 (validators, byte counter, seeds) -> :mod:`commcomp.ops` (kernels) -> :mod:`commcomp.codecs`
 -> :mod:`commcomp.collectives` (how payloads cross ranks) -> :mod:`commcomp.perfmodel` ->
 :mod:`commcomp.core` (the hook-state contract and registration) -> the algorithms
-(:mod:`commcomp.privacy`, :mod:`commcomp.coding`, :mod:`commcomp.decentralized`,
-:mod:`commcomp.hooks`) -> :mod:`commcomp.integrations` -> the command line. The DDP
+(:mod:`commcomp.privacy`, :mod:`commcomp.coding`, :mod:`commcomp.decentralized`) ->
+:mod:`commcomp.hooks` (the registry) -> :mod:`commcomp.integrations` -> the command line. The DDP
 communication hooks register in one line::
 
     state = commcomp.register(ddp_model, "terngrad")

@@ -3,8 +3,9 @@ state is attached to a model, its options checked across ranks and its hook inst
 
 from __future__ import annotations
 
+import datetime
 import threading
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,10 +16,22 @@ _GROUPS: Dict[int, Tuple[object, object]] = {}  # id(DDP's group) -> (that group
 _GROUPS_LOCK = threading.Lock()
 
 
+def _timeout_of(group) -> Optional[datetime.timedelta]:
+    """The timeout ``group`` was created with (None: torch's default), so the hooks' group
+    fails as fast as the user's would."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001 - no such backend on this group, or an older torch
+            continue
+    return None
+
+
 def hook_group(group=None):
     """The process group commcomp's hooks use for the DDP group ``group`` (default: the world):
-    the same ranks in the same order, created once (at the first registration on ``group``;
-    every member rank registers, so every member creates it) and reused by every hook on it.
+    the same ranks in the same order and the same timeout, created once (at the first
+    registration on ``group``; every member rank registers, so every member creates it) and
+    reused by every hook on it.
 
     DDP issues its own collectives on ``group`` from the autograd thread (the unused-parameter
     map of ``find_unused_parameters``, buffer broadcasts, bucket rebuilds) while the hooks'
@@ -30,35 +43,67 @@ def hook_group(group=None):
         cached = _GROUPS.get(id(base))
         if cached is not None and cached[0] is base:
             return cached[1]
-        ranks = dist.get_process_group_ranks(base)
-        mine = dist.new_group(ranks=ranks, backend=dist.get_backend(base), use_local_synchronization=True)
-        if dist.get_rank(mine) != dist.get_rank(base):
-            raise RuntimeError("commcomp: the hooks' process group numbers ranks differently from the DDP group "
-                               f"(ranks {ranks}); create the DDP group with dist.new_group(ranks=sorted(ranks))")
+    ranks = dist.get_process_group_ranks(base)
+    if ranks != sorted(ranks):  # the same answer on every member: all of them raise
+        raise ValueError(f"commcomp: the DDP group numbers its ranks {ranks}, not in increasing order; the "
+                         "hooks' group would number them differently. Create it with dist.new_group(sorted(ranks))")
+    whole = len(ranks) == dist.get_world_size()
+    backend = dist.get_backend(base)
+    default = dist.distributed_c10d._get_default_group()
+    if not whole and "nccl" in str(backend) and getattr(default, "bound_device_id", None) is not None:
+        # A bound device makes torch split NCCL communicators, which needs every rank of the
+        # world; the non-members never call in (pytorch/pytorch#129965): members would hang.
+        raise ValueError("commcomp: DDP on an NCCL subgroup with init_process_group(device_id=...) is not "
+                         "supported (the hooks' group would need every rank to join); init without device_id, "
+                         "or train DDP on the whole world")
+    mine = dist.new_group(ranks=ranks, timeout=_timeout_of(base), backend=backend,
+                          use_local_synchronization=not whole)
+    with _GROUPS_LOCK:
         _GROUPS[id(base)] = (base, mine)
-        return mine
+    return mine
+
+
+def _agree(ok: bool, group, device) -> list:
+    """All ranks learn which ranks failed (one small all-gather): a failure on one rank must
+    raise on every rank, not leave the others waiting in the next collective."""
+    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(flags, torch.tensor([0 if ok else 1], dtype=torch.int32, device=device), group=group)
+    return [r for r, f in enumerate(flags) if int(f.item())]
 
 
 def register(model, state_cls, hook: Callable, **options) -> HookState:
     """Create ``state_cls(**options)`` on the hooks' own group for the model's DDP group,
     attach it to ``model`` (which may refuse the model's DDP mode), check its options across
-    ranks, and install ``hook``. Any failure leaves the model without the hook; a mismatch of
-    options raises on every rank."""
+    ranks, and install ``hook``. A failure on any rank raises on every rank and leaves the
+    model without the hook and no state running."""
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         raise TypeError(f"commcomp.register needs a DistributedDataParallel model, got {type(model).__name__}")
-    base = options.pop("process_group", None) or model.process_group
-    state = state_cls(process_group=hook_group(base), **options)
+    group = hook_group(options.pop("process_group", None) or model.process_group)
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    state, error = None, None
     try:
+        state = state_cls(process_group=group, **options)
         state.attach(model)
-        param = next(iter(model.parameters()), None)
-        state.check_options(param.device if param is not None else torch.device("cpu"))
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+        error = exc
+    failed = _agree(error is None, group, device)
+    try:
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"commcomp: registering the {getattr(state_cls, 'name', state_cls.__name__)!r} hook "
+                               f"failed on rank(s) {failed} of its group (their error says why); no rank "
+                               "registered it")
+        state.check_options(device)
+        model.register_comm_hook(state, hook)
     except BaseException:
-        state.close(timeout=5.0)  # threads the state started (e.g. a coordinator's) must not outlive it
+        if state is not None:
+            state.close(timeout=5.0)  # threads the state started (e.g. a coordinator's) must not outlive it
         raise
     state.registered = True
-    model.register_comm_hook(state, hook)
     return state
 
 

@@ -23,7 +23,8 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from commcomp.collectives.executor import OrderedExecutor, release_executor, shared_executor
+from commcomp.collectives.executor import (ExecutorClosed, OrderedExecutor, new_future, release_executor,
+                                           shared_executor)
 from commcomp.utils.metrics import ByteCounter
 
 from .options import Configurable
@@ -61,6 +62,7 @@ class HookState(Configurable):
         self.registered = False  # set by commcomp.register once its checks passed
         self._options_checked = False
         self._executor: Optional[OrderedExecutor] = None
+        self.closed = False
         self._param_names: Dict[torch.Tensor, str] = {}
 
     # -- registration
@@ -81,8 +83,12 @@ class HookState(Configurable):
             self._options_checked = True
 
     def require_registered(self) -> None:
-        """Hooks call this first: a state given to ``ddp.register_comm_hook`` directly would
-        skip the options check and share DDP's process group (see :func:`commcomp.register`)."""
+        """Hooks call this first: a closed state sends nothing more, and a state given to
+        ``ddp.register_comm_hook`` directly would skip the options check and share DDP's
+        process group (see :func:`commcomp.register`)."""
+        if self.closed:
+            raise ExecutorClosed(f"commcomp {self.name}: this hook state was closed; register the hook "
+                                 "again (on a new DDP model) to go on training")
         if not self.registered:
             raise RuntimeError(
                 f"commcomp {self.name}: register the hook with commcomp.register(ddp_model, "
@@ -92,7 +98,15 @@ class HookState(Configurable):
 
     # -- the executor
     def submit(self, job, like: torch.Tensor) -> torch.futures.Future:
-        """Run ``job()`` on this group's ordered executor; its result completes the future."""
+        """Run ``job()`` on this group's ordered executor; its result completes the future
+        (which fails at once with :class:`~commcomp.collectives.ExecutorClosed` after
+        :meth:`close`)."""
+        if self.closed:
+            fut = new_future(like)
+            fut.set_exception(ExecutorClosed(
+                f"commcomp {self.name}: this hook state was closed; register the hook again (on a new "
+                "DDP model) to go on training"))
+            return fut
         if self._executor is None:
             self._executor = shared_executor(self.process_group)
         return self._executor.submit(job, like)
@@ -103,7 +117,9 @@ class HookState(Configurable):
 
     def close(self, timeout: float = 10.0) -> bool:
         """Finish this state's queued exchanges and let go of the executor (the last state on
-        a group stops its thread). Other states on the group keep theirs running."""
+        a group stops its thread). Other states on the group keep theirs running. A closed
+        state sends nothing more."""
+        self.closed = True
         executor, self._executor = self._executor, None
         if executor is None:
             return True

@@ -151,8 +151,9 @@ class GradientTracking(Configurable):
         self._prox_names = self._select(prox_params)
         for comp in (self.compressor_x, self.compressor_y):
             check_static(comp, topo)
-        if not self.ddp:  # (a DDP hook state checks its own options, these included, at registration)
-            self.check_across_ranks(process_group, self._named[0][1].device, hook="GradientTracking")
+        if not self.ddp or tracker is not None:  # (a hook state registered here checks these with its own)
+            self.check_across_ranks(tracker.process_group if tracker is not None else process_group,
+                                    self._named[0][1].device, hook="GradientTracking")
         self._names = [n for n, _ in self._named]
         self._lengths = [p.numel() for _, p in self._named]
         self.bytes = ByteCounter(("bytes_x", "bytes_y", "bytes_diagnostic"))
@@ -394,16 +395,24 @@ class GradientTracking(Configurable):
         if state.get("algorithm") != "gradient_tracking":
             raise ValueError(f"commcomp: not a GradientTracking checkpoint (algorithm={state.get('algorithm')!r})")
         self._check_saved_options(state.get("options", {}))
+        old = state.get("metrics", {})  # (checkpoints before the byte counter kept them there)
+        counts = state.get("bytes") or {k: old[k] for k in self.bytes if k in old}
+        unknown = sorted(set(counts) - set(self.bytes))
+        if unknown:
+            raise ValueError(f"commcomp: the checkpoint counts bytes as {unknown}, unknown here")
         if self.hook_state is not None:
             self.hook_state.load_state_dict(state["tracker"])
         else:
             self.tracker.load_state_dict(state["tracker"])
         self.mixer_x.store.load(state["mixer_x"])
         self.mixer_x.store.get(self._names, self._lengths, self._flat_params())
-        old = state.get("metrics", {})  # (checkpoints before the byte counter kept them there)
-        self.bytes.load_state_dict(state.get("bytes") or {k: old[k] for k in self.bytes if k in old})
+        self.bytes.load_state_dict(counts)
         self.diagnostics = dict(state.get("diagnostics", {}))
         self.step_count = int(state["step"])
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Close the DDP hook state this registered (its queued exchanges finish first)."""
+        return self.hook_state.close(timeout) if self.hook_state is not None else True
 
     def __repr__(self) -> str:
         kind = "DProxSGT" if self.compressor_x.name == "identity" and self.compressor_y.name == "identity" \

@@ -99,6 +99,7 @@ class GradientCodingState(HookState):
         # seconds from this rank's first bucket to its last result, for the last 1000 steps
         self.round_times: collections.deque = collections.deque(maxlen=1000)
         self._round_start: Optional[float] = None
+        self._started = False  # a bucket was sent: a checkpoint can no longer be loaded
         # validates transport and coordinator now, on every rank; counts its sends in metrics
         self.aggregator = CodedAggregator(self.code, self.process_group, self.coordinator, self.timeout,
                                           self.transport, counter=self.metrics)
@@ -115,7 +116,7 @@ class GradientCodingState(HookState):
         """Restore step and metrics into a **fresh** state (before its first step: messages of
         a running state's rounds may still be in flight, and would be taken for the restored
         rounds). Checked before anything changes."""
-        if self.aggregator.metrics["rounds"] + self.metrics["bytes_sent"] > 0:
+        if self._started:
             raise RuntimeError("commcomp: load a gradient-coding checkpoint into a fresh state (before its first "
                                "step): messages of this state's rounds may still be in flight")
         saved = state.get("code")
@@ -126,8 +127,10 @@ class GradientCodingState(HookState):
     def _start(self, key, coded: torch.Tensor):
         if key[1] == 0:
             self._round_start = time.monotonic()
+        self._started = True
+        started = self.aggregator.start(key, coded)
         self.metrics.fp32_allreduce(coded.numel(), self.world_size)
-        return self.aggregator.start(key, coded)
+        return started
 
     def _finish(self, started, last: bool) -> torch.Tensor:
         out = self.aggregator.finish(started)

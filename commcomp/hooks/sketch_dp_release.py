@@ -14,7 +14,7 @@ from commcomp.codecs import sketch as sketches
 from commcomp.core import write_flat_grads_
 from commcomp.privacy.mechanisms import clip_coefficient, clip_per_sample_
 from commcomp.utils import mix_seed
-from commcomp.utils.metrics import ring_allreduce_bytes
+from commcomp.utils.metrics import FP32, ring_allreduce_bytes
 
 
 class SketchDPRelease:
@@ -89,7 +89,7 @@ class SketchDPRelease:
             self._open_parts = 0
         dist.all_reduce(msg, group=self.process_group)
         self.metrics.sent(ring_allreduce_bytes(4 * msg.numel(), world))
-        self.metrics.fp32_allreduce(sum(x.numel() for _, x in parts), world)
+        self.metrics.add(sum(ring_allreduce_bytes(4 * x.numel(), world) for _, x in parts), FP32)
         # Only now: a warning turned into an error must not keep this rank from sending.
         if self.private and bool(bad):
             self.nonfinite_steps += 1

@@ -21,6 +21,7 @@ class ByteCounter(Mapping):
     """Named byte counters that several threads may add to (DDP's autograd thread sends, the
     executor thread sends the rest), read like a dict and saved in checkpoints.
 
+    Read it like a dict (``dict(counter)`` for a plain one, e.g. for ``json``); it pickles.
     ``counter["bytes_sent"]`` is what this rank put on the wire (payloads and side channels);
     ``counter["bytes_sent_fp32_allreduce"]`` what a ring fp32 all-reduce of the same gradients
     would have sent: their ratio is the compression ratio. Further names (e.g. ``bytes_x``)
@@ -74,14 +75,22 @@ class ByteCounter(Mapping):
         with self._lock:
             return dict(self._counts)
 
+    def __getstate__(self) -> Dict[str, int]:  # pickle and deepcopy: the counts, not the lock
+        return self.state_dict()
+
+    def __setstate__(self, counts: Dict[str, int]) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict(counts)
+
     def load_state_dict(self, counts: Dict[str, int]) -> None:
-        """Restore saved counts (names this counter does not declare are refused first)."""
+        """Restore saved counts; a counter the save lacks restarts at 0 (names this counter
+        does not declare are refused first)."""
         unknown = sorted(set(counts) - set(self._counts))
         if unknown:
             raise ValueError(f"commcomp: saved byte counters {unknown} are not declared here "
                              f"({sorted(self._counts)}); the checkpoint is of another kind of state")
         with self._lock:
-            self._counts.update({k: int(v) for k, v in counts.items()})
+            self._counts = {k: int(counts.get(k, 0)) for k in self._counts}
 
 
 __all__ = ["FP32", "SENT", "ByteCounter", "ring_allreduce_bytes"]
