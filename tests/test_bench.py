@@ -32,3 +32,15 @@ def test_bench_codec_table_has_every_op():
     lines = r.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("op "))
     assert len(lines) - header - 1 == 7 and lines[header + 1].startswith("ternarize_pack fp32")
+
+
+def test_terngrad_profile_runs_and_accounts_its_stages(tmp_path):
+    """benchmarks/terngrad_profile.py (issue 15's profile) still runs: two ranks, one step."""
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, "benchmarks/terngrad_profile.py", "--world", "2", "--steps", "1",
+                        "--warmup", "1", "--collectives", "two_phase", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prof = json.loads(out.read_text())["terngrad/two_phase"]
+    assert {"encode", "decode", "statistics"} <= set(prof["stages"]) and prof["buckets"] >= 1
+    assert "in no op: waits" in r.stdout
