@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from commcomp import ops
-from commcomp.ops import per_element
 from commcomp.utils.metrics import ring_allreduce_bytes
 
 from .executor import Deferred, all_gather, all_reduce, all_to_all
@@ -52,8 +51,14 @@ class Launched:
 
 
 def _decode_sums(sums: torch.Tensor, enc: Encoding, world: int) -> torch.Tensor:
-    """Average of W payloads from the integer sum of their codes: sum * s / W."""
-    return sums.to(torch.float32) * per_element(enc.scales, enc.lengths, sums.numel()) / world
+    """Average of W payloads from the integer sum of their codes: sum * s / W, segment by
+    segment in place on one float32 copy (no per-element expansion of the scales; the same
+    float32 arithmetic per element as ``sum * s_expanded / W``)."""
+    out = sums.to(torch.float32, copy=True)
+    lengths = [out.numel()] if enc.lengths is None else [int(n) for n in enc.lengths]
+    for part, scale in zip(torch.split(out, lengths), enc.scales.reshape(-1)):
+        part.mul_(scale).div_(world)
+    return out
 
 
 def int8_allreduce(x, enc: Encoding, group=None, want_own: bool = False) -> Launched:

@@ -211,5 +211,6 @@ def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tenso
                                              want_own=state.error_feedback, **kwargs)
     state.metrics.sent(launched.bytes_sent)
     avg = launched.future.wait()
-    avg = torch.where(stats[-1] > 0, torch.full_like(avg, float("nan")), avg)
+    if bool(stats[-1] > 0):  # some rank's data was not finite: NaN everywhere (a scalar test, not a pass)
+        avg.fill_(float("nan"))
     return avg, launched.own
