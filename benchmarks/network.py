@@ -98,7 +98,7 @@ def worker(args) -> None:
     state, _ = attach_hook(ddp, None, spec, {})
     times = train_steps(ddp, lambda x, y: F.cross_entropy(ddp(x), y).backward(), args.warmup, args.steps)
     n = sum(p.numel() for p in model.parameters())
-    if state is not None:
+    if state is not None and hasattr(state, "metrics"):  # commcomp's hooks count what they send
         sent = state.metrics["bytes_sent"] / (args.warmup + args.steps)
     else:
         sent = baseline_bytes(model, args.hook, world)

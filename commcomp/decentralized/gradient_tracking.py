@@ -46,15 +46,11 @@ from commcomp.utils import mix_seed, validate
 from commcomp.utils.metrics import ByteCounter, ring_allreduce_bytes
 
 from .exchange import NeighbourExchange
-from .hook import GradientTrackingState, gradient_tracking_hook
+from .hook import GradientTrackingState, _compressor_options, _describe, _name, gradient_tracking_hook
 from .mixing import Mixer, check_gamma, check_static, default_gamma, make_mixing_compressor, wide
 from .prox import make_prox
 from .topology import make_topology
 from .tracking import Tracker
-
-
-def _describe(topology):
-    return topology.describe()
 
 
 def _prox_record(prox):
@@ -102,10 +98,10 @@ class GradientTracking(Configurable):
     what = "GradientTracking"
     OPTIONS = (
         Option("topology", record=_describe),
-        Option("compressor_y", record=lambda c: c.name),
-        Option("compressor_y_options", attr="compressor_y", record=lambda c: c.options()),
-        Option("compressor_x", record=lambda c: c.name),
-        Option("compressor_x_options", attr="compressor_x", record=lambda c: c.options()),
+        Option("compressor_y", record=_name),
+        Option("compressor_y_options", attr="compressor_y", record=_compressor_options),
+        Option("compressor_x", record=_name),
+        Option("compressor_x_options", attr="compressor_x", record=_compressor_options),
         Option("gamma_x", check_gamma),
         Option("gamma_y", check_gamma),
         Option("tracking", validate.boolean),
