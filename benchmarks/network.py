@@ -95,7 +95,7 @@ def worker(args) -> None:
         return decentralized_worker(args, model, world)
     ddp = DDP(model, bucket_cap_mb=1000 if args.hook == "powersgd" else 25)
     spec = types.SimpleNamespace(hook=args.hook, seed=0, collective=args.collective or "auto", total_steps=None)
-    state, _ = attach_hook(ddp, None, spec, {})
+    state, _ = attach_hook(ddp, None, spec, json.loads(args.options) if args.hook == "terngrad" else {})
     times = train_steps(ddp, lambda x, y: F.cross_entropy(ddp(x), y).backward(), args.warmup, args.steps)
     n = sum(p.numel() for p in model.parameters())
     if state is not None and hasattr(state, "metrics"):  # commcomp's hooks count what they send
@@ -186,7 +186,8 @@ def shape(rate: str):
 
 def run_pair(hook: str, collective: str, args, result: str) -> dict:
     agents = pair().launch_torchrun(
-        __file__, ["--worker", "--hook", hook, "--collective", collective, "--steps", str(args.steps),
+        __file__, ["--worker", "--hook", hook, "--collective", collective, "--options", args.options,
+                   "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--result", result],
         nproc_per_node=2, port=PORT, timeout=args.timeout, run_id="ccbench",
         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
@@ -212,6 +213,8 @@ def main():
     ap.add_argument("--compute-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hook", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--collective", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--options", default="{}",
+                    help='further TernGrad options as JSON, e.g. \'{"pipeline_numel": 0}\'')
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

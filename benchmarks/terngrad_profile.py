@@ -133,12 +133,13 @@ def worker(rank, world, init_file, args, out_file):
     fp32 = DDP(build_model())
     results["fp32"] = {"step_ms": [1e3 * t for t in train_steps(fp32, step_fn(fp32), args.warmup, args.steps)]}
     buckets = _record_buckets(DDP(build_model()), x, y)
+    pipe = {} if args.pipeline_numel is None else {"pipeline_numel": args.pipeline_numel}
     for collective in args.collectives:
         model = DDP(build_model())
-        state = commcomp.register(model, "terngrad", collective=collective)
+        state = commcomp.register(model, "terngrad", collective=collective, **pipe)
         step_ms = [1e3 * t for t in train_steps(model, step_fn(model), args.warmup, args.steps)]
         state.close()
-        replay = TernGradState(process_group=hook_group(None), collective=collective)
+        replay = TernGradState(process_group=hook_group(None), collective=collective, **pipe)
         stages, calls, walls, top = _profile_exchange(replay, buckets, args.steps)
         results[f"terngrad/{collective}"] = {"step_ms": step_ms, "stages": stages, "calls": calls, "top_ops": top,
                                              "exchange_ms": walls, "buckets": len(buckets)}
@@ -155,6 +156,8 @@ def main():
     ap.add_argument("--collectives", type=lambda s: s.split(","), default=["int8", "allgather", "two_phase"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--pipeline-numel", type=int, default=None,
+                    help="TernGradState(pipeline_numel=...) (default: its default); 0: each bucket in one piece")
     ap.add_argument("--json")
     ap.add_argument("--ops", action="store_true", help="also print the costliest ops of each collective")
     args = ap.parse_args()
@@ -167,7 +170,8 @@ def main():
             results = json.load(f)
     base = statistics.median(results["compute-only"]["step_ms"])
     fp32 = statistics.median(results["fp32"]["step_ms"]) - base
-    print(f"{args.world} gloo ranks on loopback, 11.3 M-parameter MLP, batch 32; medians of {args.steps} steps (rank 0)")
+    print(f"{args.world} gloo ranks on loopback, 11.3 M-parameter MLP, batch 32, pipeline_numel "
+          f"{'default' if args.pipeline_numel is None else args.pipeline_numel}; medians of {args.steps} steps (rank 0)")
     print(f"compute-only {base:.0f} ms; fp32 DDP overhead {fp32:.0f} ms")
     for label, r in results.items():
         if not label.startswith("terngrad"):

@@ -188,3 +188,88 @@ NCCL_CASES = ["terngrad-int8", "terngrad-allgather", "terngrad-two_phase", "sket
 @pytest.mark.parametrize("case", NCCL_CASES)
 def test_hook_on_nccl_one_rank(tmp_path, case):
     mp.spawn(_nccl_entry, args=(os.path.join(str(tmp_path), "rdzv"), case), nprocs=1, join=True)
+
+
+# ------------------------------------------------------------- the exchange's own stream
+SLEEP_CYCLES = int(5e8)  # ~0.25 s of GPU time at ~2 GHz: far longer than the kernels around it
+
+
+def test_kernels_issued_after_submit_do_not_queue_behind_the_job():
+    """The executor runs a CUDA job on its own stream: work the submitter issues afterwards
+    completes while the job's (deliberately slow) GPU work is still running, and reading the
+    future's value waits for the job."""
+    from commcomp.collectives.executor import OrderedExecutor
+
+    dev = torch.device("cuda", 0)
+    executor = OrderedExecutor("cuda-stream-test")
+    like = torch.zeros(1, device=dev)
+    slept = torch.cuda.Event()
+
+    def job():
+        torch.cuda._sleep(SLEEP_CYCLES)
+        slept.record()
+        return like + 1
+
+    fut = executor.submit(job, like)
+    assert executor.flush(30)  # the job's CPU side has run: its sleep is queued on the GPU
+    after = torch.ones(1000, device=dev) * 2  # "backward" work issued after the hook
+    issued = torch.cuda.Event()
+    issued.record()
+    issued.synchronize()
+    assert not slept.query(), "the submitter's stream waited for the exchange's stream"
+    assert fut.wait().item() == 1 and slept.query()
+    assert after.sum().item() == 2000
+    assert executor.close(30)
+
+
+def _overlap(rank, world):
+    """Bucket 0's exchange sleeps on the GPU; the first layer's backward, issued after that
+    bucket's hook and after the sleep was queued, must finish before the sleep does."""
+    import threading
+
+    import torch.nn as nn
+
+    import commcomp.hooks.terngrad as tg
+
+    dev = torch.device("cuda", 0)
+    queued, events = threading.Event(), {}
+    real = tg._reduce_bucket
+
+    def slow(state, index, *args):
+        if index == 0 and "slept" not in events:
+            torch.cuda._sleep(SLEEP_CYCLES)
+            events["slept"] = torch.cuda.Event(enable_timing=True)
+            events["slept"].record()
+            queued.set()
+        return real(state, index, *args)
+
+    tg._reduce_bucket = slow
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).to(dev)
+    ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.2)  # the last layers' bucket is small: it fires early
+    commcomp.register(ddp, "terngrad", min_compress_numel=0)
+
+    def first_layer_grad(g):  # on the autograd thread, before the first layer's backward
+        queued.wait(30)  # bucket 0's job has queued its sleep on the GPU
+        return g
+
+    x = torch.randn(16, 64, device=dev)
+    ddp(x).sum().backward()  # a first step: DDP rebuilds its buckets after it
+    torch.cuda.synchronize()
+    events.clear()
+    queued.clear()
+    done = torch.cuda.Event(enable_timing=True)
+    handles = [model[0].register_forward_hook(lambda m, i, o: o.register_hook(first_layer_grad) and None),
+               model[0].weight.register_hook(lambda g: done.record() or g)]
+    ddp(x).sum().backward()
+    for handle in handles:
+        handle.remove()
+    torch.cuda.synchronize()
+    assert "slept" in events, "bucket 0's exchange did not run"
+    # positive: the first layer's gradient was done before the exchange's sleep ended
+    assert done.elapsed_time(events["slept"]) > 0, "backward kernels queued behind bucket 0's exchange"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backward_overlaps_a_slow_exchange_two_gloo_ranks_one_gpu(tmp_path):
+    spawn(_overlap, 2, tmp_path)

@@ -16,10 +16,12 @@ from .executor import (
     release_executor,
     shared_executor,
 )
-from .ternary import COLLECTIVES, INT8_MAX_WORLD, Encoding, Launched, allgather_packed, int8_allreduce, two_phase
+from .buffers import BufferPool
+from .ternary import (COLLECTIVES, INT8_MAX_WORLD, Encoding, Launched, allgather_packed, int8_allreduce, pipelined,
+                      two_phase)
 
 __all__ = [
-    "COLLECTIVES", "Deferred", "Encoding", "ExecutorClosed", "INT8_MAX_WORLD", "Launched", "OrderedExecutor",
-    "all_gather", "all_reduce", "all_to_all", "allgather_packed", "int8_allreduce", "new_future", "p2p",
+    "BufferPool", "COLLECTIVES", "Deferred", "Encoding", "ExecutorClosed", "INT8_MAX_WORLD", "Launched", "OrderedExecutor",
+    "all_gather", "all_reduce", "all_to_all", "allgather_packed", "int8_allreduce", "new_future", "p2p", "pipelined",
     "release_executor", "shared_executor", "two_phase",
 ]

@@ -58,6 +58,16 @@ class Deferred:
 
     value = wait
 
+    def progress(self) -> None:
+        """Wait for the collective and run the chain up to the next collective it launches,
+        without waiting for that one (a pipeline's stage; :meth:`wait` finishes the rest)."""
+        if not self._done:
+            value = self._wait_fn()
+            if isinstance(value, Deferred):
+                self._wait_fn = value.wait
+            else:
+                self._value, self._done, self._wait_fn = value, True, None
+
     def then(self, fn: "Callable[[Deferred], object]") -> "Deferred":
         """The deferred result of ``fn(self)`` (fn reads ``.value()``; it may return a Deferred)."""
         return Deferred(lambda: fn(self._ready()))
@@ -80,18 +90,20 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> Deferred:
     return _launched(work, lambda: t)
 
 
-def all_gather(t: torch.Tensor, group=None) -> Deferred:
-    """Gathers every rank's t into a new [world, *t.shape] tensor (the deferred value)."""
+def all_gather(t: torch.Tensor, group=None, out: Optional[torch.Tensor] = None) -> Deferred:
+    """Gathers every rank's t into a [world, *t.shape] tensor (the deferred value): ``out``
+    (contiguous, world * t.numel() elements of t's dtype) or a new one."""
     world = dist.get_world_size(group)
-    flat = t.new_empty(world * t.numel())  # gloo wants a flat output of world * numel
+    flat = t.new_empty(world * t.numel()) if out is None else out.view(-1)  # gloo wants a flat output
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     work = gather(flat, t.contiguous().reshape(-1), group=group, async_op=True)
     return _launched(work, lambda: flat.view((world,) + tuple(t.shape)))
 
 
-def all_to_all(t: torch.Tensor, group=None) -> Deferred:
-    """Equal-split all-to-all of a [world, chunk] tensor: row r goes to rank r."""
-    out = torch.empty_like(t)
+def all_to_all(t: torch.Tensor, group=None, out: Optional[torch.Tensor] = None) -> Deferred:
+    """Equal-split all-to-all of a [world, chunk] tensor: row r goes to rank r; the rows
+    received land in ``out`` (same shape and dtype) or a new tensor."""
+    out = torch.empty_like(t) if out is None else out
     work = dist.all_to_all_single(out, t, group=group, async_op=True)
     return _launched(work, lambda: out)
 
@@ -122,16 +134,32 @@ class OrderedExecutor:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._closing = False
+        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+    def _stream(self, device: torch.device) -> "torch.cuda.Stream":
+        """This executor's communication stream on ``device`` (created on first use)."""
+        device = torch.device(device)
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     @property
     def closed(self) -> bool:
         return self._closing
 
     def submit(self, job: Callable[[], object], like: torch.Tensor) -> Future:
-        """Queue ``job``; its return value (or exception) completes the returned future. CUDA
-        jobs run on the submitter's current stream of ``like``'s device."""
+        """Queue ``job``; its return value (or exception) completes the returned future.
+
+        CUDA jobs run on this executor's own stream of ``like``'s device, after the work queued
+        so far on the submitter's current stream (an event hand-off), so kernels the submitter
+        issues after this call (the rest of the backward pass) never queue behind the
+        exchange. The future records the job's stream: whoever reads its value waits for it."""
         fut = new_future(like)
-        stream = torch.cuda.current_stream(like.device) if like.is_cuda else None
+        stream = None
+        if like.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(like.device))
+            stream = (self._stream(like.device), ready)
         with self._lock:
             if self._closing:
                 fut.set_exception(ExecutorClosed(
@@ -189,9 +217,11 @@ class OrderedExecutor:
             try:
                 if fut is None:  # a flush marker
                     job()
-                elif stream is not None:  # run on the submitter's stream, after its queued work
-                    with torch.cuda.stream(stream):
-                        fut.set_result(job())
+                elif stream is not None:  # on our stream, after the submitter's queued work
+                    comm, ready = stream
+                    with torch.cuda.stream(comm):
+                        comm.wait_event(ready)
+                        fut.set_result(job())  # records an event on `comm` for the readers
                 else:
                     fut.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - re-raised by DDP's backward

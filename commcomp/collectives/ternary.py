@@ -28,6 +28,7 @@ import torch.distributed as dist
 from commcomp import ops
 from commcomp.utils.metrics import ring_allreduce_bytes
 
+from .buffers import FRESH, Scratch
 from .executor import Deferred, all_gather, all_reduce, all_to_all
 
 INT8_MAX_WORLD = 127  # |sum of W ternary codes| <= W fits int8 up to here
@@ -50,23 +51,37 @@ class Launched:
     own: Optional[torch.Tensor] = None  # this rank's decoded payload (for error feedback)
 
 
-def _decode_sums(sums: torch.Tensor, enc: Encoding, world: int) -> torch.Tensor:
+def _decode_sums(sums: torch.Tensor, enc: Encoding, world: int,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Average of W payloads from the integer sum of their codes: sum * s / W, segment by
-    segment in place on one float32 copy (no per-element expansion of the scales; the same
-    float32 arithmetic per element as ``sum * s_expanded / W``)."""
-    out = sums.to(torch.float32, copy=True)
+    segment (no per-element expansion of the scales; the same float32 arithmetic per element
+    as ``sum * s_expanded / W``), into ``out`` (float32) or a new tensor."""
+    if out is None:
+        out = sums.to(torch.float32, copy=True)
+    elif out is not sums:
+        out.copy_(sums)  # exact (|sums| <= W); a plain cast is ~5x faster than a mixed-dtype mul
     lengths = [out.numel()] if enc.lengths is None else [int(n) for n in enc.lengths]
     for part, scale in zip(torch.split(out, lengths), enc.scales.reshape(-1)):
         part.mul_(scale).div_(world)
     return out
 
 
-def int8_allreduce(x, enc: Encoding, group=None, want_own: bool = False) -> Launched:
+def _accumulate_into(out: Optional[torch.Tensor], numel: int, device, rows: torch.Tensor, scales: torch.Tensor,
+                     lengths, world_div: int) -> torch.Tensor:
+    """sum_w scales[w] * codes_w over the packed rows, divided by ``world_div``: written over
+    ``out`` (any float dtype) or a new float32 tensor."""
+    total = torch.zeros(numel, dtype=torch.float32, device=device) if out is None else out.zero_()
+    ops.unpack_accumulate(rows, scales, total, segments=lengths, validate=False)
+    return total.div_(world_div) if world_div != 1 else total
+
+
+def int8_allreduce(x, enc: Encoding, group=None, want_own: bool = False, out: Optional[torch.Tensor] = None,
+                   scratch: Scratch = FRESH) -> Launched:
     world = dist.get_world_size(group)
     codes = ops.ternarize_int8(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
     own = _decode_sums(codes, enc, 1) if want_own else None
     wire = codes if world <= INT8_MAX_WORLD else codes.to(torch.int32)
-    fut = all_reduce(wire, group=group).then(lambda f: _decode_sums(f.value(), enc, world))
+    fut = all_reduce(wire, group=group).then(lambda f: _decode_sums(f.value(), enc, world, out))
     return Launched(fut, ring_allreduce_bytes(wire.numel() * wire.element_size(), world), own)
 
 
@@ -74,18 +89,14 @@ def _rows(scales: torch.Tensor, world: int) -> torch.Tensor:
     return scales.reshape(1, -1).expand(world, -1).contiguous()
 
 
-def allgather_packed(x, enc: Encoding, group=None, want_own: bool = False) -> Launched:
+def allgather_packed(x, enc: Encoding, group=None, want_own: bool = False, out: Optional[torch.Tensor] = None,
+                     scratch: Scratch = FRESH) -> Launched:
     world, n = dist.get_world_size(group), x.numel()
     packed = ops.ternarize_pack(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
     own = ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False) if want_own else None
-
-    def decode(f: Deferred) -> torch.Tensor:
-        total = torch.zeros(n, dtype=torch.float32, device=x.device)
-        ops.unpack_accumulate(f.value(), _rows(enc.scales, world), total, segments=enc.lengths,
-                              validate=False)
-        return total / world
-
-    fut = all_gather(packed, group).then(decode)
+    gathered = scratch.get("gathered", world * packed.numel(), torch.uint8, x.device)
+    fut = all_gather(packed, group, out=gathered).then(
+        lambda f: _accumulate_into(out, n, x.device, f.value(), _rows(enc.scales, world), enc.lengths, world))
     return Launched(fut, (world - 1) * packed.numel(), own)
 
 
@@ -102,7 +113,7 @@ def slice_segments(lengths: Sequence[int], start: int, end: int) -> Tuple[List[i
 
 
 def two_phase(x, enc: Encoding, group=None, want_own: bool = False, requantize: bool = True,
-              seed2: int = 0) -> Launched:
+              seed2: int = 0, out: Optional[torch.Tensor] = None, scratch: Scratch = FRESH) -> Launched:
     """Reduce-scatter shaped exchange of 2-bit chunks, then an all-gather of the chunk sums.
 
     Rank r owns elements [4 r c, 4 (r + 1) c) with c = ceil(ceil(n / 4) / W) bytes. With
@@ -111,40 +122,84 @@ def two_phase(x, enc: Encoding, group=None, want_own: bool = False, requantize: 
     world, rank, n = dist.get_world_size(group), dist.get_rank(group), x.numel()
     nbytes = (n + 3) // 4
     chunk = max(1, math.ceil(nbytes / world))
-    packed = ops.ternarize_pack(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
-    own = ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False) if want_own else None
-    send = torch.zeros(world * chunk, dtype=torch.uint8, device=x.device)
-    send[:nbytes] = packed
-    e0, e1 = min(4 * chunk * rank, n), min(4 * chunk * (rank + 1), n)
-    seg_len, seg_idx = slice_segments(enc.lengths, e0, e1)
     if not requantize and world > INT8_MAX_WORLD:
         raise ValueError(f"two_phase(requantize=False) sends int8 sums: world size {world} > {INT8_MAX_WORLD}")
+    packed = ops.ternarize_pack(x, enc.scales, enc.seed, enc.offset, segments=enc.lengths, validate=False)
+    own = ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False) if want_own else None
+    send = scratch.get("send", world * chunk, torch.uint8, x.device)
+    send[:nbytes] = packed
+    send[nbytes:].zero_()
+    e0, e1 = min(4 * chunk * rank, n), min(4 * chunk * (rank + 1), n)
+    seg_len, seg_idx = slice_segments(enc.lengths, e0, e1)
+    recv = scratch.get("recv", world * chunk, torch.uint8, x.device).view(world, chunk)
 
     def reduce_chunk(f: Deferred) -> Deferred:
-        recv, m = f.value(), e1 - e0  # recv[w] = rank w's bytes of my chunk
-        sums = torch.zeros(m, dtype=torch.float32, device=x.device)
+        m = e1 - e0  # f.value()[w] = rank w's bytes of my chunk
+        sums = scratch.get("sums", m, torch.float32, x.device)
         if m > 0:  # integer sums of the codes: exact in float32
-            ones = torch.ones(world, len(seg_len), device=x.device)
-            ops.unpack_accumulate(recv[:, : (m + 3) // 4].contiguous(), ones, sums,
-                                  segments=seg_len, validate=False)
+            mine = f.value() if (m + 3) // 4 == chunk else f.value()[:, : (m + 3) // 4].contiguous()
+            _accumulate_into(sums, m, x.device, mine, torch.ones(world, len(seg_len), device=x.device), seg_len, 1)
         if requantize:
-            out = torch.zeros(chunk, dtype=torch.uint8, device=x.device)
+            part = scratch.get("part", chunk, torch.uint8, x.device, zero=True)
             if m > 0:
                 sub = Encoding(enc.scales[seg_idx], seg_len, seed2, enc.offset + e0)
-                avg = _decode_sums(sums, sub, world)  # |avg| <= s: no clipping, unbiased
-                out[: (m + 3) // 4] = ops.ternarize_pack(avg, sub.scales, seed2, sub.offset,
-                                                         segments=seg_len, validate=False)
-            return all_gather(out, group).then(
-                lambda g: ops.unpack(g.value().reshape(-1)[:nbytes], n, enc.scales,
-                                     segments=enc.lengths, validate=False))
-        out = torch.zeros(4 * chunk, dtype=torch.int8, device=x.device)
-        out[:m] = sums.to(torch.int8)
-        return all_gather(out, group).then(
-            lambda g: _decode_sums(g.value().reshape(-1)[:n], enc, world))
+                avg = _decode_sums(sums, sub, world, out=sums)  # |avg| <= s: no clipping, unbiased
+                part[: (m + 3) // 4] = ops.ternarize_pack(avg, sub.scales, seed2, sub.offset,
+                                                          segments=seg_len, validate=False)
+            gathered = scratch.get("gathered", world * chunk, torch.uint8, x.device)
+            return all_gather(part, group, out=gathered).then(lambda g: _unpack_into(g.value(), n, enc, out))
+        part = scratch.get("part8", 4 * chunk, torch.int8, x.device, zero=True)
+        part[:m] = sums.to(torch.int8)
+        gathered = scratch.get("gathered8", 4 * world * chunk, torch.int8, x.device)
+        return all_gather(part, group, out=gathered).then(
+            lambda g: _decode_sums(g.value().reshape(-1)[:n], enc, world, out))
 
-    fut = all_to_all(send.view(world, chunk), group).then(reduce_chunk)
+    fut = all_to_all(send.view(world, chunk), group, out=recv).then(reduce_chunk)
     phase2 = chunk if requantize else 4 * chunk
     return Launched(fut, (world - 1) * chunk + (world - 1) * phase2, own)
 
 
+def _unpack_into(gathered: torch.Tensor, n: int, enc: Encoding, out: Optional[torch.Tensor]) -> torch.Tensor:
+    packed = gathered.reshape(-1)[: (n + 3) // 4]
+    if out is None:
+        return ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False)
+    # 0 + s * code: the values of unpack (up to the sign of a zero), written in place
+    return _accumulate_into(out, n, out.device, packed.view(1, -1), enc.scales.reshape(1, -1), enc.lengths, 1)
+
+
 COLLECTIVES = {"int8": int8_allreduce, "allgather": allgather_packed, "two_phase": two_phase}
+
+
+def pipelined(name: str, x, enc: Encoding, group=None, *, piece_numel: int, want_own: bool = False,
+              out: Optional[torch.Tensor] = None, scratch: Scratch = FRESH, **kwargs) -> Launched:
+    """Collective ``name`` over pieces of about ``piece_numel`` elements, pipelined: piece k + 1
+    is encoded while piece k is on the wire.
+
+    Pieces start at multiples of 4 elements and cut across segments; each keeps its elements'
+    global indices (``enc.offset + start``), so its codes are the ones the whole tensor would
+    get (int8 and allgather return the same values as one call; two_phase's owners change with
+    the pieces). Every rank cuts the same pieces and issues the collectives in one order: each
+    piece's first stage while encoding, then the pieces' later stages in piece order, then the
+    decodes. ``piece_numel <= 0`` or a tensor no larger runs the collective once.
+    """
+    fn, n = COLLECTIVES[name], x.numel()
+    if piece_numel <= 0 or n <= piece_numel:
+        return fn(x, enc, group, want_own=want_own, out=out, scratch=scratch, **kwargs)
+    size = max(4, piece_numel - piece_numel % 4)
+    lengths = [n] if enc.lengths is None else list(enc.lengths)
+    parts = []
+    for k, a in enumerate(range(0, n, size)):
+        b = min(n, a + size)
+        seg_len, seg_idx = slice_segments(lengths, a, b)
+        sub = Encoding(enc.scales.reshape(-1)[seg_idx].contiguous(), seg_len, enc.seed, enc.offset + a)
+        parts.append(fn(x[a:b], sub, group, want_own=want_own, out=None if out is None else out[a:b],
+                        scratch=scratch.child(k), **kwargs))
+
+    def finish():
+        for part in parts:  # later stages (two_phase's all-gathers) in piece order
+            part.future.progress()
+        values = [part.future.wait() for part in parts]
+        return out if out is not None else torch.cat(values)
+
+    own = torch.cat([part.own for part in parts]) if want_own else None
+    return Launched(Deferred(finish), sum(part.bytes_sent for part in parts), own)

@@ -5,6 +5,7 @@ save), the cross-rank fingerprint and the checkpoint diff all come from that lis
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -105,10 +106,22 @@ class Configurable:
     def _check_saved_options(self, saved: dict) -> None:
         """Refuse a checkpoint made with other options (nothing changes before this passes)."""
         mine = self.options()
-        diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+        # An option added after the checkpoint was made is absent from it: it matches the default.
+        added = {k for k in set(mine) - set(saved) if mine[k] == self._default(k)}
+        diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine) - added)
+                if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"commcomp: checkpoint options differ from this {self.what}'s (saved, current): "
                              f"{diff}; create it with the saved options to resume")
+
+
+    def _default(self, name: str):
+        """The constructor's default for option ``name`` (a sentinel if it has none)."""
+        param = inspect.signature(type(self).__init__).parameters.get(name)
+        return _NO_DEFAULT if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+_NO_DEFAULT = object()
 
 
 def _same(v):

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from commcomp import collectives, ops, perfmodel
 from commcomp.collectives import all_reduce
+from commcomp.collectives.buffers import BufferPool, Scratch
 from commcomp.core import HookState, Option, bucket_lengths
 from commcomp.utils import mix_seed, validate
 from commcomp.utils.metrics import ring_allreduce_bytes
@@ -43,6 +44,7 @@ from commcomp.utils.metrics import ring_allreduce_bytes
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_NAMES = ("auto", "int8", "allgather", "two_phase")
+PIPELINE_NUMEL = 1 << 21  # elements per piece of a pipelined bucket (8 MB of float32)
 
 
 class TernGradState(HookState):
@@ -57,6 +59,9 @@ class TernGradState(HookState):
         min_compress_numel: layers with fewer elements are sent uncompressed (fp32).
         seed: base of every rank's random stream; must be the same on all ranks.
         link: a :class:`commcomp.perfmodel.LinkModel` for ``"auto"``.
+        pipeline_numel: exchange a bucket in pieces of about this many elements, encoding piece
+            k + 1 while piece k is on the wire (0: the whole bucket at once). int8 and
+            allgather give the same values either way; two_phase's chunk owners change.
     """
 
     name = "terngrad"
@@ -66,14 +71,15 @@ class TernGradState(HookState):
         Option("error_feedback", validate.boolean),
         Option("min_compress_numel", partial(validate.integer, low=0)),
         Option("seed", validate.seed),
+        Option("pipeline_numel", partial(validate.integer, low=0)),
     )
 
     def __init__(self, process_group=None, clip_factor: Optional[float] = 2.5,
                  collective: str = "auto", error_feedback: bool = False,
                  min_compress_numel: int = 1024, seed: int = 0,
-                 link: perfmodel.LinkModel = perfmodel.LinkModel()):
+                 link: perfmodel.LinkModel = perfmodel.LinkModel(), pipeline_numel: int = PIPELINE_NUMEL):
         self._set_options(clip_factor=clip_factor, collective=collective, error_feedback=error_feedback,
-                          min_compress_numel=min_compress_numel, seed=seed)
+                          min_compress_numel=min_compress_numel, seed=seed, pipeline_numel=pipeline_numel)
         super().__init__(process_group)
         self.link = link
         # "auto" asks the performance model with this host's calibration, read once here. Each
@@ -82,6 +88,13 @@ class TernGradState(HookState):
         self._calibration = perfmodel.load_calibration() if collective == "auto" else None
         self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
         self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
+        self.buffers = BufferPool()  # work buffers per bucket, reused across steps (not saved)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        done = super().close(timeout)
+        if done:  # no job is left to use them
+            self.buffers.clear()
+        return done
 
     def _shared_extra(self) -> dict:
         if self._calibration is None:
@@ -140,10 +153,13 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     index, step, lengths = bucket.index(), state.step, bucket_lengths(bucket)
     # fp32 without error feedback: encode the bucket in place (no staging copy; DDP leaves the
     # buffer alone until the future completes). Otherwise a float32 working copy.
+    # The working copy is a buffer kept across steps: this bucket's job of the previous step
+    # has finished, since DDP completes every future of a step before the next backward.
     if buf.dtype == torch.float32 and not state.error_feedback:
         x = buf.detach()
     else:
-        x = buf.detach().to(torch.float32, copy=True)
+        x = state.buffers.scope(bucket.index()).get("x", buf.numel(), torch.float32, buf.device)
+        x.copy_(buf.detach())
     keys = [state.param_key(p) for p in bucket.parameters()] if state.error_feedback else []
     if keys and len(keys) == len(lengths):  # residuals are per parameter: DDP may rebuild buckets
         pos = 0
@@ -167,6 +183,9 @@ def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
     comp = [k for k, n in enumerate(lengths) if n > 0 and n >= state.min_compress_numel]
     raw = [k for k, n in enumerate(lengths) if n > 0 and n < state.min_compress_numel]
     state.metrics.fp32_allreduce(x.numel(), world)
+    scratch = state.buffers.scope(index)
+    # Decode straight into the bucket when it is float32; else into a float32 buffer, cast once.
+    dest = buf if buf.dtype == torch.float32 else scratch.get("out", buf.numel(), torch.float32, buf.device)
     raw_fut = None
     if raw:  # small layers: exact fp32 all-reduce, overlapping the ternary exchange
         raw_x = torch.cat([x[bounds[k]:bounds[k + 1]] for k in raw])
@@ -175,15 +194,14 @@ def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
     if comp:
         # The whole bucket is encoded, small layers too (their few codes are overwritten by
         # the exact values below): no gather or scatter passes over the large layers.
-        out, own = _ternary_average(state, index, step, x, lengths)
+        own = _ternary_average(state, index, step, x, lengths, dest, scratch)
         if state.error_feedback and len(keys) == len(lengths):  # what ternarization dropped
             for k in comp:
                 state.residuals[keys[k]] = (x[bounds[k]:bounds[k + 1]] - own[bounds[k]:bounds[k + 1]]).clone()
-    else:
-        out = torch.empty_like(x)
     if raw_fut is not None:
-        _scatter(out, raw_fut.wait() / world, raw, bounds)
-    buf.copy_(out)
+        _scatter(dest, raw_fut.wait() / world, raw, bounds)
+    if dest is not buf:
+        buf.copy_(dest)
     return buf
 
 
@@ -197,9 +215,10 @@ def _scatter(out: torch.Tensor, packed: torch.Tensor, ks: List[int], bounds: Lis
 
 
 def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tensor,
-                     lengths: List[int]):
-    """Share the scales (MAX all-reduce), then average the ternary payloads. Returns the
-    average (NaN everywhere if any rank's data was not finite) and this rank's own decode."""
+                     lengths: List[int], dest: torch.Tensor, scratch: Scratch) -> Optional[torch.Tensor]:
+    """Share the scales (MAX all-reduce), then average the ternary payloads into ``dest``
+    (float32; NaN everywhere if any rank's data was not finite). Returns this rank's own
+    decode (for error feedback) or None."""
     stats = _scales(x, lengths, state.clip_factor)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=state.process_group)
     state.metrics.sent(ring_allreduce_bytes(4 * stats.numel(), state.world_size))
@@ -207,10 +226,10 @@ def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tenso
     enc = collectives.Encoding(stats[:-1].contiguous(), lengths,
                                mix_seed(state.seed, state.rank, step, 0), index << 40)
     kwargs = {"seed2": mix_seed(state.seed, state.rank, step, 1)} if name == "two_phase" else {}
-    launched = collectives.COLLECTIVES[name](x, enc, state.process_group,
-                                             want_own=state.error_feedback, **kwargs)
+    launched = collectives.pipelined(name, x, enc, state.process_group, piece_numel=state.pipeline_numel,
+                                     want_own=state.error_feedback, out=dest, scratch=scratch, **kwargs)
     state.metrics.sent(launched.bytes_sent)
-    avg = launched.future.wait()
+    launched.future.wait()
     if bool(stats[-1] > 0):  # some rank's data was not finite: NaN everywhere (a scalar test, not a pass)
-        avg.fill_(float("nan"))
-    return avg, launched.own
+        dest.fill_(float("nan"))
+    return launched.own
