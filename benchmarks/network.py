@@ -1,13 +1,15 @@
 """End-to-end DDP step time over a shaped network: two emulated hosts (network namespaces
 joined by a veth pair, shaped with ``tc tbf``), 2 ranks per host via torchrun, a 11 M
-parameter MLP. Compares no hook, torch's fp16 and PowerSGD (rank 1, one bucket) hooks, and
-TernGrad with each collective, at several bandwidths, and decentralized training on a ring
+parameter MLP. Compares no hook, torch's fp16, bf16 and PowerSGD (``powersgd/1``,
+``powersgd/4``: ranks 1 and 4, one bucket) hooks, and TernGrad with each collective and
+``terngrad/auto``, at several bandwidths (``--repeats R``: every configuration R times,
+interleaved; the table gives the median of the runs' median steps and their min-max), and decentralized training on a ring
 (``gt/identity``: DProxSGT, ``gt/ternary``, ``gt/topk:0.02``: CDProxSGT; pass them in
 ``--hooks``), plus the compute-only step time (the
 same model, 4 processes at once, no DDP), so communication overhead = step - compute-only.
 
     sudo python benchmarks/network.py                      # 100mbit, 1gbit, unshaped
-    sudo python benchmarks/network.py --rates 1gbit --steps 10 --json out.json --png out.png
+    sudo python benchmarks/network.py --rates 1gbit --steps 10 --repeats 3 --json out.json --png out.png
 
 Needs root (ip netns, tc). The namespaces are removed on exit, failure included. Only the
 project's own test hosts (the two namespaces) are addressed.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,8 +34,8 @@ DEV = ("ccb_va", "ccb_vb")
 ADDR = ("10.231.77.1", "10.231.77.2")  # inside our own namespaces only
 SUBNET = "10.231.77.0/24"  # ADDR are its first two hosts
 PORT = 29641
-HOOKS = [("none", ""), ("fp16", ""), ("powersgd", ""), ("terngrad", "int8"),
-         ("terngrad", "allgather"), ("terngrad", "two_phase")]
+HOOKS = [("none", ""), ("fp16", ""), ("bf16", ""), ("powersgd", "1"), ("powersgd", "4"), ("terngrad", "int8"),
+         ("terngrad", "allgather"), ("terngrad", "two_phase"), ("terngrad", "auto")]
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -94,15 +97,20 @@ def worker(args) -> None:
     if args.hook == "gt":
         return decentralized_worker(args, model, world)
     ddp = DDP(model, bucket_cap_mb=1000 if args.hook == "powersgd" else 25)
-    spec = types.SimpleNamespace(hook=args.hook, seed=0, collective=args.collective or "auto", total_steps=None)
-    state, _ = attach_hook(ddp, None, spec, json.loads(args.options) if args.hook == "terngrad" else {})
+    if args.hook in ("powersgd", "bf16"):  # powersgd/<rank>; torch's bf16 hook
+        state = torch_hook(ddp, args.hook, args.collective)
+    else:
+        spec = types.SimpleNamespace(hook=args.hook, seed=0, collective=args.collective or "auto", total_steps=None)
+        state, _ = attach_hook(ddp, None, spec, json.loads(args.options) if args.hook == "terngrad" else {})
     times = train_steps(ddp, lambda x, y: F.cross_entropy(ddp(x), y).backward(), args.warmup, args.steps)
     n = sum(p.numel() for p in model.parameters())
     if state is not None and hasattr(state, "metrics"):  # commcomp's hooks count what they send
         sent = state.metrics["bytes_sent"] / (args.warmup + args.steps)
     else:
-        sent = baseline_bytes(model, args.hook, world)
-    result = {"hook": args.hook, "collective": args.collective, "world": world, "params": n,
+        rank = int(args.collective or 1) if args.hook == "powersgd" else 1
+        sent = baseline_bytes(model, "fp16" if args.hook == "bf16" else args.hook, world, rank=rank)
+    chosen = sorted(set(getattr(state, "choices", {}).values()))  # TernGrad: the collectives used
+    result = {"hook": args.hook, "collective": args.collective, "world": world, "params": n, "chosen": chosen,
               "step_s": sorted(times)[len(times) // 2], "bytes_per_step": sent,
               "fp32_bytes_per_step": baseline_bytes(model, "none", world),
               "codec_ms": codec_ms(n, world) if args.hook == "terngrad" else 0.0}
@@ -110,6 +118,20 @@ def worker(args) -> None:
         with open(args.result, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
+
+
+def torch_hook(ddp, hook: str, rank: str):
+    """torch's own hooks: PowerSGD of rank ``rank`` (default 1; one bucket, as its docs advise,
+    error feedback and warm start on) or the bf16 all-reduce."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        return None
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=int(rank or 1),
+                                        start_powerSGD_iter=2, min_compression_rate=2)
+    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return None
 
 
 def decentralized_worker(args, model, world) -> None:
@@ -206,6 +228,7 @@ def main():
                     help="comma list of hook[/collective]")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every configuration (median and spread)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json")
     ap.add_argument("--png")
@@ -223,44 +246,68 @@ def main():
         return compute_only(args)
     if os.geteuid() != 0:
         sys.exit("benchmarks/network.py needs root for ip netns and tc; run it with sudo")
-    rows = []
+    runs, computes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
-        subprocess.run([sys.executable, __file__, "--compute-only", "--steps", str(args.steps),
-                        "--warmup", str(args.warmup), "--result", result], check=True)
-        compute = json.load(open(result))["step_s"]
-        print(f"compute-only step (4 processes, no DDP): {compute * 1e3:.0f} ms", flush=True)
         try:
             setup()
-            for rate in args.rates.split(","):
-                shape(rate)
-                for spec in args.hooks.split(","):
-                    hook, _, collective = spec.partition("/")
-                    r = run_pair(hook, collective, args, result)
-                    r.update(rate=rate, compute_s=compute)
-                    rows.append(r)
-                    name = hook + (f"/{collective}" if collective else "")
-                    print(f"{rate:>9s} {name:20s} step {r['step_s'] * 1e3:7.0f} ms  comm overhead "
-                          f"{(r['step_s'] - compute) * 1e3:7.0f} ms  sent {r['bytes_per_step'] / 1e6:7.2f} MB/step"
-                          + (f"  codec {r['codec_ms']:.0f} ms" if r["codec_ms"] else ""), flush=True)
+            for rep in range(args.repeats):  # every configuration once per repeat: drift hits all alike
+                subprocess.run([sys.executable, __file__, "--compute-only", "--steps", str(args.steps),
+                                "--warmup", str(args.warmup), "--result", result], check=True)
+                computes.append(json.load(open(result))["step_s"])
+                print(f"repeat {rep + 1}/{args.repeats}: compute-only step (4 processes, no DDP) "
+                      f"{computes[-1] * 1e3:.0f} ms", flush=True)
+                for rate in args.rates.split(","):
+                    shape(rate)
+                    for spec in args.hooks.split(","):
+                        hook, _, collective = spec.partition("/")
+                        r = run_pair(hook, collective, args, result)
+                        r.update(rate=rate, compute_s=computes[-1], repeat=rep)
+                        runs.append(r)
+                        print(f"{rate:>9s} {spec:20s} step {r['step_s'] * 1e3:7.0f} ms  comm overhead "
+                              f"{(r['step_s'] - computes[-1]) * 1e3:7.0f} ms  sent "
+                              f"{r['bytes_per_step'] / 1e6:7.2f} MB/step"
+                              + (f"  chose {','.join(r['chosen'])}" if r.get("chosen") else ""), flush=True)
         finally:
             teardown()
-    print_table(rows, compute)
+    compute = statistics.median(computes)
+    rows = summarize(runs)
+    print_table(rows, compute, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"compute_s": compute, "rows": rows}, f, indent=1)
+            json.dump({"compute_s": compute, "compute_runs_s": computes, "rows": rows, "runs": runs}, f, indent=1)
     if args.png:
         plot(rows, compute, args.png)
 
 
-def print_table(rows, compute):
-    print(f"\n{'rate':>9s} {'hook':20s} {'step ms':>8s} {'overhead ms':>11s} {'x fp32 overhead':>15s} {'MB/step':>8s}")
+def summarize(runs):
+    """One row per (rate, hook): the median over repeats of each run's median step, and the
+    spread (min and max of the runs' medians)."""
+    rows = {}
+    for r in runs:
+        key = (r["rate"], r["hook"], r["collective"])
+        rows.setdefault(key, dict(r, step_runs_s=[], chosen=set()))
+        rows[key]["step_runs_s"].append(r["step_s"])
+        rows[key]["chosen"].update(r.get("chosen", []))
+    for row in rows.values():
+        row.update(step_s=statistics.median(row["step_runs_s"]), step_min_s=min(row["step_runs_s"]),
+                   step_max_s=max(row["step_runs_s"]), chosen=sorted(row["chosen"]))
+    return list(rows.values())
+
+
+def print_table(rows, compute, repeats=1):
+    print(f"\ncompute-only {compute * 1e3:.0f} ms; medians over {repeats} run(s) of each run's median step; "
+          "overhead = step - compute-only")
+    print(f"{'rate':>9s} {'hook':20s} {'step ms':>8s} {'min-max':>11s} {'overhead ms':>11s} {'x fp32 overhead':>15s} "
+          f"{'MB/step':>8s}")
     fp32 = {r["rate"]: r["step_s"] - compute for r in rows if r["hook"] == "none"}
     for r in rows:
         name = r["hook"] + (f"/{r['collective']}" if r["collective"] else "")
         over = r["step_s"] - compute
-        print(f"{r['rate']:>9s} {name:20s} {r['step_s'] * 1e3:8.0f} {over * 1e3:11.0f} "
-              f"{over / fp32[r['rate']]:15.2f} {r['bytes_per_step'] / 1e6:8.2f}")
+        spread = f"{r.get('step_min_s', r['step_s']) * 1e3:.0f}-{r.get('step_max_s', r['step_s']) * 1e3:.0f}"
+        ratio = f"{over / fp32[r['rate']]:15.2f}" if r["rate"] in fp32 else f"{'-':>15s}"
+        print(f"{r['rate']:>9s} {name:20s} {r['step_s'] * 1e3:8.0f} {spread:>11s} {over * 1e3:11.0f} "
+              f"{ratio} {r['bytes_per_step'] / 1e6:8.2f}" + (f"  ({','.join(r['chosen'])})" if r.get("chosen") else ""))
 
 
 def plot(rows, compute, path):
