@@ -99,9 +99,17 @@ def _hook_bytes(rank, world, out):
             assert state.collective_for(0, params) == opts["collective"]
         results[f"{name}/{opts}"] = state.metrics["bytes_sent"]
     auto = commcomp.register(DDP(torch.nn.Linear(300, 300)), "terngrad")
+    assert auto.link is None  # measured at the first choice, on the hook's group
+    before = auto.metrics["bytes_sent"]
+    got = auto.collective_for(0, 300 * 301)
+    assert auto.link.bandwidth_bytes_per_s > 0 and auto.link.latency_s > 0
+    assert auto.metrics["bytes_sent"] > before  # the probe's bytes are counted
+    every = [None] * world
+    dist.all_gather_object(every, (auto.link, got))
+    assert all(e == every[0] for e in every), f"ranks measured or chose differently: {every}"
     want = pm.choose_collective(300 * 301, world, None, pm.load_calibration(),
                                 bandwidth_bytes_per_s=auto.link.bandwidth_bytes_per_s, latency_s=auto.link.latency_s)
-    assert auto.collective_for(0, 300 * 301) == want  # TernGradState(collective="auto") asks the model
+    assert got == want  # TernGradState(collective="auto") asks the model
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"params": params, "bytes": results}, f)

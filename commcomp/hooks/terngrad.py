@@ -58,7 +58,10 @@ class TernGradState(HookState):
         error_feedback: keep the ternarization residual and add it to the next gradient.
         min_compress_numel: layers with fewer elements are sent uncompressed (fp32).
         seed: base of every rank's random stream; must be the same on all ranks.
-        link: a :class:`commcomp.perfmodel.LinkModel` for ``"auto"``.
+        link: a :class:`commcomp.perfmodel.LinkModel` for ``"auto"``; None (default): measured
+            on the hook's process group when the first bucket is exchanged
+            (:func:`commcomp.perfmodel.measure_link`, the slowest rank's times, so every rank
+            chooses alike).
         pipeline_numel: exchange a bucket in pieces of about this many elements, encoding piece
             k + 1 while piece k is on the wire (0: the whole bucket at once). int8 and
             allgather give the same values either way; two_phase's chunk owners change.
@@ -77,7 +80,7 @@ class TernGradState(HookState):
     def __init__(self, process_group=None, clip_factor: Optional[float] = 2.5,
                  collective: str = "auto", error_feedback: bool = False,
                  min_compress_numel: int = 1024, seed: int = 0,
-                 link: perfmodel.LinkModel = perfmodel.LinkModel(), pipeline_numel: int = PIPELINE_NUMEL):
+                 link: Optional[perfmodel.LinkModel] = None, pipeline_numel: int = PIPELINE_NUMEL):
         self._set_options(clip_factor=clip_factor, collective=collective, error_feedback=error_feedback,
                           min_compress_numel=min_compress_numel, seed=seed, pipeline_numel=pipeline_numel)
         super().__init__(process_group)
@@ -103,7 +106,7 @@ class TernGradState(HookState):
         return {"auto_collective_calibration": f"{cal} ({self._calibration.get('source', '?')}; give every host "
                                                "the same file with $COMMCOMP_CALIBRATION, or pass "
                                                "collective='two_phase' (or int8, allgather))",
-                "auto_collective_link": dataclasses.asdict(self.link)}
+                "auto_collective_link": "measured" if self.link is None else dataclasses.asdict(self.link)}
 
     def _extra_state(self) -> dict:
         if any(not isinstance(k, str) for k in self.residuals):
@@ -117,10 +120,16 @@ class TernGradState(HookState):
     def _load_extra_state(self, extra: dict) -> None:
         self.residuals = {str(k): v.clone() for k, v in extra.get("residuals", {}).items()}
 
-    def collective_for(self, bucket_index: int, numel: int) -> str:
+    def collective_for(self, bucket_index: int, numel: int, device=None) -> str:
+        """The bucket's collective (on the executor thread, at the same point on every rank)."""
         if (bucket_index, numel) not in self.choices:
             name = self.collective
             if name == "auto":
+                if self.link is None:
+                    self.link, sent = perfmodel.measure_link(self.process_group, device)
+                    self.metrics.sent(sent)
+                    logger.info("terngrad: measured link %.3g MB/s, %.3g ms per message", self.link.bandwidth_bytes_per_s / 1e6,
+                                1e3 * self.link.latency_s)
                 name = perfmodel.choose(numel, self.world_size, self.link, calibration=self._calibration)
             if name == "int8" and self.world_size > collectives.INT8_MAX_WORLD:
                 logger.info("terngrad: %d ranks: int8 sums widen to int32", self.world_size)
@@ -222,7 +231,7 @@ def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tenso
     stats = _scales(x, lengths, state.clip_factor)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=state.process_group)
     state.metrics.sent(ring_allreduce_bytes(4 * stats.numel(), state.world_size))
-    name = state.collective_for(index, x.numel())
+    name = state.collective_for(index, x.numel(), x.device)
     enc = collectives.Encoding(stats[:-1].contiguous(), lengths,
                                mix_seed(state.seed, state.rank, step, 0), index << 40)
     kwargs = {"seed2": mix_seed(state.seed, state.rank, step, 1)} if name == "two_phase" else {}

@@ -3,6 +3,7 @@ local machine (:mod:`commcomp.bench.calibrate`); the TernGrad hook's choice of c
 (:mod:`.choice`). Command line: ``commcomp perfmodel`` and ``commcomp calibrate``."""
 
 from .choice import LinkModel, choose, estimate
+from .probe import measure_link
 from .model import (
     BUILTIN,
     HOOKS,
@@ -18,4 +19,4 @@ from .model import (
 )
 
 __all__ = ["BUILTIN", "HOOKS", "LinkModel", "Prediction", "Scenario", "TERNARY", "calibration_path", "choose", "choose_collective", "estimate",
-           "load_calibration", "predict", "table", "traffic"]
+           "load_calibration", "measure_link", "predict", "table", "traffic"]
