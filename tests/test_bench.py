@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,34 @@ def test_terngrad_profile_runs_and_accounts_its_stages(tmp_path):
     prof = json.loads(out.read_text())["terngrad/two_phase"]
     assert {"encode", "decode", "statistics"} <= set(prof["stages"]) and prof["buckets"] >= 1
     assert "in no op: waits" in r.stdout
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_local_smoke(tmp_path):
+    """benchmarks/time_to_accuracy.py --local (4 ranks on loopback, no namespaces, no root):
+    fp32 sets the target, each run has its curve, step times and time to target, the table
+    has a row per hook."""
+    out = tmp_path / "tta.json"
+    r = subprocess.run([sys.executable, "benchmarks/time_to_accuracy.py", "--local", "--model", "mlp", "--hooks",
+                        "none,fp16", "--seeds", "0", "--steps", "12", "--eval-every", "4", "--compute-steps", "0",
+                        "--timeout", "240", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    runs = {run["hook"]: run for run in res["runs"]}
+    assert set(runs) == {"none", "fp16"} and all(run["status"] == "ok" for run in runs.values())
+    fp32 = runs["none"]
+    assert fp32["reference"] and res["targets"]["0"] == fp32["curve"][-1][2] - 1.0
+    for run in runs.values():
+        assert [c[0] for c in run["curve"]] == [0, 4, 8, 12] and len(run["step_s"]) == 12
+        assert all(t > 0 for t in run["step_s"]) and run["curve"][-1][1] > 0 and run["target"] == res["targets"]["0"]
+        assert run["outcome"] in ("reached", "never") and (run["outcome"] == "reached") == (
+            run["time_to_target"] is not None)
+    assert fp32["outcome"] == "reached" and fp32["time_to_target"] <= fp32["curve"][-1][1]
+    row = res["summary"]["local"]["none"]
+    assert row["time_to_target"]["0"] == fp32["time_to_target"] == row["time_to_target_median"]
+    assert {"step_s_median", "step_s_min", "step_s_max", "last_accuracy_median", "x_fp16", "x_powersgd4"} <= set(row)
+    assert res["summary"]["local"]["fp16"]["x_fp16"] in (1.0, "never")
+    assert "== local ==" in r.stdout and "target = fp32 final - 1 (seed 0: " in r.stdout
+    table = r.stdout[r.stdout.index("== local =="):].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["none", "fp16"] and "x fp16" in table[1]
