@@ -250,7 +250,7 @@ def _overlap(rank, world):
     commcomp.register(ddp, "terngrad", min_compress_numel=0)
 
     def first_layer_grad(g):  # on the autograd thread, before the first layer's backward
-        queued.wait(30)  # bucket 0's job has queued its sleep on the GPU
+        events["queued_first"] = queued.wait(30)  # bucket 0's job has queued its sleep on the GPU
         return g
 
     x = torch.randn(16, 64, device=dev)
@@ -266,6 +266,11 @@ def _overlap(rank, world):
         handle.remove()
     torch.cuda.synchronize()
     assert "slept" in events, "bucket 0's exchange did not run"
+    assert events.get("queued_first"), "bucket 0's hook did not run before the first layer's backward"
+    first = {id(p) for p in model[0].parameters()}
+    bucket0 = ddp.reducer._get_zeros_like_grad_buckets()[0].parameters() if hasattr(
+        ddp.reducer, "_get_zeros_like_grad_buckets") else []
+    assert not any(id(p) in first for p in bucket0), "the first layer is in bucket 0: nothing to overlap"
     # positive: the first layer's gradient was done before the exchange's sleep ended
     assert done.elapsed_time(events["slept"]) > 0, "backward kernels queued behind bucket 0's exchange"
 

@@ -14,6 +14,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from commcomp import perfmodel as pm
+from commcomp.hooks import TernGradState
+from commcomp.perfmodel.probe import PROBE_NUMEL
+from commcomp.utils.metrics import ring_allreduce_bytes as ring
 from tests._dist import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,17 +102,22 @@ def _hook_bytes(rank, world, out):
             assert state.collective_for(0, params) == opts["collective"]
         results[f"{name}/{opts}"] = state.metrics["bytes_sent"]
     auto = commcomp.register(DDP(torch.nn.Linear(300, 300)), "terngrad")
-    assert auto.link is None  # measured at the first choice, on the hook's group
-    before = auto.metrics["bytes_sent"]
-    got = auto.collective_for(0, 300 * 301)
+    # The link was measured at registration on the hook's group; its bytes are counted apart.
     assert auto.link.bandwidth_bytes_per_s > 0 and auto.link.latency_s > 0
-    assert auto.metrics["bytes_sent"] > before  # the probe's bytes are counted
+    probe = PROBE_NUMEL
+    assert auto.metrics["bytes_link_probe"] == (7 * ring(4, world) + 3 * ring(4 * probe, world) + ring(16, world))
+    assert auto.metrics["bytes_sent"] == 0
+    got = auto.collective_for(0, 300 * 301)
     every = [None] * world
     dist.all_gather_object(every, (auto.link, got))
     assert all(e == every[0] for e in every), f"ranks measured or chose differently: {every}"
     want = pm.choose_collective(300 * 301, world, None, pm.load_calibration(),
                                 bandwidth_bytes_per_s=auto.link.bandwidth_bytes_per_s, latency_s=auto.link.latency_s)
     assert got == want  # TernGradState(collective="auto") asks the model
+    saved = auto.state_dict()  # the link and the choices travel with the checkpoint
+    fresh = TernGradState(process_group=auto.process_group, link=pm.LinkModel(1.0, 1.0))
+    fresh.load_state_dict(saved)
+    assert fresh.link == auto.link and fresh.choices == auto.choices
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"params": params, "bytes": results}, f)

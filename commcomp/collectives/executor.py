@@ -11,6 +11,7 @@ ever runs on a backend thread.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import queue
 import threading
@@ -209,9 +210,17 @@ class OrderedExecutor:
         return True
 
     def _loop(self) -> None:
+        # CUDA jobs whose stream work may still run: their closures (tensors allocated on the
+        # submitter's stream and used on ours) are kept until an event after them completes,
+        # so the caching allocator cannot hand that memory to the backward pass too early.
+        in_flight: "collections.deque" = collections.deque()
         while True:
             item = self._queue.get()
+            while in_flight and in_flight[0][0].query():
+                in_flight.popleft()
             if item is None:
+                for done, _ in in_flight:
+                    done.synchronize()
                 return
             job, fut, stream = item
             try:
@@ -222,13 +231,16 @@ class OrderedExecutor:
                     with torch.cuda.stream(comm):
                         comm.wait_event(ready)
                         fut.set_result(job())  # records an event on `comm` for the readers
+                    done = torch.cuda.Event()
+                    done.record(comm)
+                    in_flight.append((done, job))
                 else:
                     fut.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - re-raised by DDP's backward
                 if fut is not None:
                     fut.set_exception(exc)
             # Drop the finished job now, not when the next one arrives: its closure holds the
-            # bucket, the hook state and the process group.
+            # bucket, the hook state and the process group (CUDA jobs: see in_flight).
             del item, job, fut, stream
 
 

@@ -5,7 +5,6 @@ save), the cross-rank fingerprint and the checkpoint diff all come from that lis
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -26,6 +25,10 @@ class Option:
         per_rank: each rank's own (e.g. its data size): saved, but left out of the cross-rank check.
         attr: record another attribute under this name (e.g. ``"compressor_options"`` from
             ``compressor``); such an entry is derived, not set by :meth:`Configurable._set_options`.
+        resume_checked: a checkpoint made with another value is refused (default). False for
+            options that change how fast, not what is computed in law (e.g. a pipeline's piece
+            size): saved, checked across ranks, but free to differ on resume, and absent from
+            checkpoints made before the option existed.
     """
 
     name: str
@@ -33,6 +36,7 @@ class Option:
     record: Optional[Callable[[Any], Any]] = None
     per_rank: bool = False
     attr: Optional[str] = None
+    resume_checked: bool = True
 
 
 def fingerprint(value) -> int:
@@ -105,23 +109,13 @@ class Configurable:
 
     def _check_saved_options(self, saved: dict) -> None:
         """Refuse a checkpoint made with other options (nothing changes before this passes)."""
-        mine = self.options()
-        # An option added after the checkpoint was made is absent from it: it matches the default.
-        added = {k for k in set(mine) - set(saved) if mine[k] == self._default(k)}
-        diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine) - added)
-                if saved.get(k) != mine.get(k)}
+        free = {o.name for o in self.OPTIONS if not o.resume_checked}
+        mine = {k: v for k, v in self.options().items() if k not in free}
+        saved = {k: v for k, v in saved.items() if k not in free}
+        diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"commcomp: checkpoint options differ from this {self.what}'s (saved, current): "
                              f"{diff}; create it with the saved options to resume")
-
-
-    def _default(self, name: str):
-        """The constructor's default for option ``name`` (a sentinel if it has none)."""
-        param = inspect.signature(type(self).__init__).parameters.get(name)
-        return _NO_DEFAULT if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-_NO_DEFAULT = object()
 
 
 def _same(v):

@@ -29,7 +29,7 @@ Example::
 import dataclasses
 import logging
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ from commcomp.utils.metrics import ring_allreduce_bytes
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_NAMES = ("auto", "int8", "allgather", "two_phase")
+PROBE_BYTES = "bytes_link_probe"  # the auto collective's one-time link measurement
 PIPELINE_NUMEL = 1 << 21  # elements per piece of a pipelined bucket (8 MB of float32)
 
 
@@ -74,7 +75,7 @@ class TernGradState(HookState):
         Option("error_feedback", validate.boolean),
         Option("min_compress_numel", partial(validate.integer, low=0)),
         Option("seed", validate.seed),
-        Option("pipeline_numel", partial(validate.integer, low=0)),
+        Option("pipeline_numel", partial(validate.integer, low=0), resume_checked=False),
     )
 
     def __init__(self, process_group=None, clip_factor: Optional[float] = 2.5,
@@ -83,7 +84,11 @@ class TernGradState(HookState):
                  link: Optional[perfmodel.LinkModel] = None, pipeline_numel: int = PIPELINE_NUMEL):
         self._set_options(clip_factor=clip_factor, collective=collective, error_feedback=error_feedback,
                           min_compress_numel=min_compress_numel, seed=seed, pipeline_numel=pipeline_numel)
-        super().__init__(process_group)
+        super().__init__(process_group, byte_counters=(PROBE_BYTES,))
+        if 0 < pipeline_numel < 4096:
+            logger.warning("terngrad: pipeline_numel=%d cuts a bucket into pieces of %d elements: one set of "
+                           "collectives per piece; use 0 (no pipelining) or >= 65536 unless you are testing",
+                           pipeline_numel, max(4, pipeline_numel - pipeline_numel % 4))
         self.link = link
         # "auto" asks the performance model with this host's calibration, read once here. Each
         # rank reads its own host's file, so the options check covers it: different
@@ -91,7 +96,10 @@ class TernGradState(HookState):
         self._calibration = perfmodel.load_calibration() if collective == "auto" else None
         self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
         self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
-        self.buffers = BufferPool()  # work buffers per bucket, reused across steps (not saved)
+        # Work buffers per bucket, kept across steps (not saved): about 1.2x the bucket for
+        # two_phase, (W/4 + 1)x for allgather, plus 4 B per element for the float32 working copy
+        # (error feedback or 16-bit gradients) and the float32 result (16-bit gradients).
+        self.buffers = BufferPool()
 
     def close(self, timeout: float = 10.0) -> bool:
         done = super().close(timeout)
@@ -115,22 +123,38 @@ class TernGradState(HookState):
                 "but this state does not know the names: create it with commcomp.register(...) "
                 "or call state.attach(ddp_model) before training"
             )
-        return {"residuals": {k: v.detach().cpu() for k, v in self.residuals.items()}}
+        return {"residuals": {k: v.detach().cpu() for k, v in self.residuals.items()},
+                "link": None if self.link is None else dataclasses.asdict(self.link),
+                "choices": [[index, numel, name] for (index, numel), name in sorted(self.choices.items())]}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.residuals = {str(k): v.clone() for k, v in extra.get("residuals", {}).items()}
+        if extra.get("link") is not None:  # the run goes on with the link and choices it had
+            self.link = perfmodel.LinkModel(**extra["link"])
+        if "choices" in extra:
+            self.choices = {(int(i), int(n)): str(c) for i, n, c in extra["choices"]}
 
-    def collective_for(self, bucket_index: int, numel: int, device=None) -> str:
-        """The bucket's collective (on the executor thread, at the same point on every rank)."""
+    def check_options(self, device) -> None:
+        """At registration (every rank): the options check, then for ``"auto"`` without a
+        ``link`` the link's measurement on the hook's group (its bytes counted apart, in
+        ``bytes_link_probe``, not in ``bytes_sent``)."""
+        first = not self._options_checked
+        super().check_options(device)
+        if first and self.collective == "auto" and self.link is None and self.world_size > 1:
+            self.link, sent = perfmodel.measure_link(self.process_group, device)
+            self.metrics.add(sent, PROBE_BYTES)
+            logger.info("terngrad: measured link %.3g MB/s, %.3g ms per message",
+                        self.link.bandwidth_bytes_per_s / 1e6, 1e3 * self.link.latency_s)
+
+    def collective_for(self, bucket_index: int, numel: int) -> str:
+        """The bucket's collective: the option, or under ``"auto"`` the model's choice for the
+        link (measured at registration; the default LinkModel if none), kept for the run and
+        saved in checkpoints."""
         if (bucket_index, numel) not in self.choices:
             name = self.collective
             if name == "auto":
-                if self.link is None:
-                    self.link, sent = perfmodel.measure_link(self.process_group, device)
-                    self.metrics.sent(sent)
-                    logger.info("terngrad: measured link %.3g MB/s, %.3g ms per message", self.link.bandwidth_bytes_per_s / 1e6,
-                                1e3 * self.link.latency_s)
-                name = perfmodel.choose(numel, self.world_size, self.link, calibration=self._calibration)
+                link = self.link if self.link is not None else perfmodel.LinkModel()
+                name = perfmodel.choose(numel, self.world_size, link, calibration=self._calibration)
             if name == "int8" and self.world_size > collectives.INT8_MAX_WORLD:
                 logger.info("terngrad: %d ranks: int8 sums widen to int32", self.world_size)
             self.choices[(bucket_index, numel)] = name
@@ -178,12 +202,13 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
             pos += n
     if bucket.is_last():
         state.step += 1
-    job = lambda: _reduce_bucket(state, index, step, x, lengths, buf, keys)  # noqa: E731
+    last = bucket.is_last()
+    job = lambda: _reduce_bucket(state, index, step, x, lengths, buf, keys, last)  # noqa: E731
     return state.submit(job, buf)
 
 
 def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
-                   lengths: List[int], buf: torch.Tensor, keys: list) -> torch.Tensor:
+                   lengths: List[int], buf: torch.Tensor, keys: list, last: bool = False) -> torch.Tensor:
     """The whole exchange of one bucket (on the executor thread: waits are fine)."""
     world = state.world_size
     bounds = [0]
@@ -203,14 +228,22 @@ def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,
     if comp:
         # The whole bucket is encoded, small layers too (their few codes are overwritten by
         # the exact values below): no gather or scatter passes over the large layers.
-        own = _ternary_average(state, index, step, x, lengths, dest, scratch)
-        if state.error_feedback and len(keys) == len(lengths):  # what ternarization dropped
+        own, bad = _ternary_average(state, index, step, x, lengths, dest, scratch)
+        # What ternarization dropped, for the next step; not from a non-finite step (a NaN
+        # residual would poison every later step: AMP skips the step and goes on).
+        if state.error_feedback and len(keys) == len(lengths) and not bad:
             for k in comp:
                 state.residuals[keys[k]] = (x[bounds[k]:bounds[k + 1]] - own[bounds[k]:bounds[k + 1]]).clone()
+    else:
+        bad = False
     if raw_fut is not None:
         _scatter(dest, raw_fut.wait() / world, raw, bounds)
+    if bad:  # some rank's data was not finite: the whole bucket is NaN on every rank
+        dest.fill_(float("nan"))
     if dest is not buf:
         buf.copy_(dest)
+    if last:  # drop the buffers of buckets or pieces this step did not use (after a rebuild)
+        state.buffers.sweep()
     return buf
 
 
@@ -224,14 +257,14 @@ def _scatter(out: torch.Tensor, packed: torch.Tensor, ks: List[int], bounds: Lis
 
 
 def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tensor,
-                     lengths: List[int], dest: torch.Tensor, scratch: Scratch) -> Optional[torch.Tensor]:
+                     lengths: List[int], dest: torch.Tensor, scratch: Scratch) -> Tuple[Optional[torch.Tensor], bool]:
     """Share the scales (MAX all-reduce), then average the ternary payloads into ``dest``
-    (float32; NaN everywhere if any rank's data was not finite). Returns this rank's own
-    decode (for error feedback) or None."""
+    (float32). Returns this rank's own decode (for error feedback, else None) and whether any
+    rank's data was not finite (the caller fills the bucket with NaN)."""
     stats = _scales(x, lengths, state.clip_factor)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=state.process_group)
     state.metrics.sent(ring_allreduce_bytes(4 * stats.numel(), state.world_size))
-    name = state.collective_for(index, x.numel(), x.device)
+    name = state.collective_for(index, x.numel())
     enc = collectives.Encoding(stats[:-1].contiguous(), lengths,
                                mix_seed(state.seed, state.rank, step, 0), index << 40)
     kwargs = {"seed2": mix_seed(state.seed, state.rank, step, 1)} if name == "two_phase" else {}
@@ -239,6 +272,4 @@ def _ternary_average(state: TernGradState, index: int, step: int, x: torch.Tenso
                                      want_own=state.error_feedback, out=dest, scratch=scratch, **kwargs)
     state.metrics.sent(launched.bytes_sent)
     launched.future.wait()
-    if bool(stats[-1] > 0):  # some rank's data was not finite: NaN everywhere (a scalar test, not a pass)
-        dest.fill_(float("nan"))
-    return launched.own
+    return launched.own, bool(stats[-1] > 0)  # a scalar test, not a pass over the data

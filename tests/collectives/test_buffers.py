@@ -25,3 +25,14 @@ def test_scopes_keep_buckets_apart_and_fresh_allocates():
     assert first.data_ptr() != second.data_ptr() and first.eq(0).all()
     pool.clear()
     assert len(pool) == 0 and pool.nbytes() == 0
+
+
+def test_sweep_drops_what_was_not_asked_for_since_the_last_sweep():
+    pool = BufferPool()
+    pool.get((0, "x"), 8, torch.float32)
+    pool.get((1, "x"), 8, torch.float32)
+    pool.sweep()
+    assert len(pool) == 2
+    kept = pool.get((1, "x"), 8, torch.float32)  # a step that only used bucket 1 (after a rebuild)
+    pool.sweep()
+    assert len(pool) == 1 and pool.get((1, "x"), 8, torch.float32).data_ptr() == kept.data_ptr()

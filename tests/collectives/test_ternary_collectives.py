@@ -71,19 +71,24 @@ def run_collective(rank, world, name, dtype):
     assert launched.bytes_sent > 0
     # Decoding into a given tensor with buffers kept across calls (the hook's hot path) gives
     # the same values, on the first call and when the buffers are reused (holding old data).
+    # Another seed on the second call: stale data left in a reused buffer would show.
     pool = BufferPool()
-    for _ in range(2):
+    for seed in (100 + rank, 300 + rank):
+        other = Encoding(scales, LENGTHS, seed=seed, offset=8)
+        fresh = fn(xs[rank], other, None, **kwargs).future.wait()
         dest = torch.full((N,), 7.0)
-        again = fn(xs[rank], enc, None, out=dest, scratch=pool.scope(0), **kwargs)
+        again = fn(xs[rank], other, None, out=dest, scratch=pool.scope(0), **kwargs)
         assert again.future.wait() is dest
-        assert torch.equal(dest, got)
+        assert torch.equal(dest, fresh)
     assert len(pool) > 0 or name == "int8"
     # Pipelined in pieces (cut across segments): int8 and allgather give the same values;
     # two_phase is one exchange per piece; own payloads are whole.
     piece = 256
+    dest = torch.full((N,), 7.0)
     piped = collectives.pipelined(name.replace("_exact", ""), xs[rank], enc, None, piece_numel=piece,
-                                  want_own=True, scratch=pool.scope(1), **kwargs)
+                                  want_own=True, out=dest, scratch=pool.scope(1), **kwargs)
     value = piped.future.wait()
+    assert value is dest
     if name == "two_phase":
         assert torch.equal(value, requantized_average(avg, scales, world, piece))
     else:
