@@ -14,7 +14,9 @@ Ternary codec (TernGrad, Wen et al. 2017), bit-exact on every backend:
 ``segments`` (a list of lengths, e.g. ``[p.numel() for p in bucket_params]``) gives one scale
 per segment of a flat buffer: TernGrad's layer-wise scalars inside a DDP bucket.
 The ops are not differentiable (inputs are detached): they act on gradients.
-Randomness is Philox4x32-10 keyed by ``seed`` with counter ``offset + index``: the same
+Randomness is Philox4x32-10 keyed by ``seed``, one counter per 8 elements: element ``i``
+(global index ``g = offset + i``) takes a 16-bit draw from counter ``g >> 3``
+(:data:`TERNARY_SPEC_VERSION` 2 of the codec's bit-level rules, ``csrc/ternary.h``). The same
 ``(x, scale, seed, offset)`` gives the same bytes on the reference, the CPU and the CUDA
 kernels, and a slice ternarized with ``offset = start`` matches the whole.
 
@@ -49,6 +51,7 @@ from . import _autograd, _checks, _loader, _meta, reference
 from .reference import per_element
 
 __all__ = [
+    "TERNARY_SPEC_VERSION",
     "backend",
     "ternarize_pack",
     "ternarize_int8",
@@ -63,6 +66,10 @@ __all__ = [
     "per_element",
     "reference",
 ]
+
+#: Version of the ternary codec's bit-level specification (``csrc/ternary.h``) that every
+#: backend follows; the loader refuses a compiled extension of another version.
+TERNARY_SPEC_VERSION: int = reference.TERNARY_SPEC_VERSION
 
 _loader.load()
 _meta.register()

@@ -6,6 +6,10 @@ After :func:`load`, every operator in :data:`commcomp.ops._schemas.SCHEMAS` exis
 * the compiled extension ``commcomp._C`` declares the schemas and registers its CPU kernels
   (and CUDA kernels when it was built with CUDA);
 * ``COMMCOMP_FORCE_REFERENCE=1`` skips the extension (to debug or compare);
+* an extension compiled from another version of the ternary codec's specification
+  (``_C.ternary_spec_version`` != :data:`commcomp.ops.reference.TERNARY_SPEC_VERSION`, i.e.
+  a stale build) is refused with an error: it would draw other bytes than the reference, the
+  CUDA kernels of a fresh build, and every rank running the current spec;
 * any backend it does not cover gets the reference twin from :mod:`commcomp.ops.reference`
   registered through ``torch.library``, so the dispatcher, ``torch.compile`` and ``opcheck``
   treat both paths the same way.
@@ -62,7 +66,23 @@ def _import_native():
             RuntimeWarning,
             stacklevel=3,
         )
+    _check_spec_version(_C)
     return _C
+
+
+def _check_spec_version(native) -> None:
+    """Refuse a compiled extension whose ternary codec follows another spec version."""
+    built = getattr(native, "ternary_spec_version", 1)  # builds before version 2 had no attribute
+    if built != reference.TERNARY_SPEC_VERSION:
+        where = getattr(native, "__file__", "commcomp._C")
+        raise RuntimeError(
+            f"commcomp: the compiled extension {where} implements version {built} of the ternary "
+            "codec's specification (csrc/ternary.h) but this Python package implements version "
+            f"{reference.TERNARY_SPEC_VERSION}: the two would draw different bytes for the same "
+            "(x, scale, seed, offset). Rebuild the extension with "
+            "`pip install --no-build-isolation -e .` (or set COMMCOMP_FORCE_REFERENCE=1 to run "
+            "on the pure-PyTorch kernels)"
+        )
 
 
 def _checked_reference(name: str):

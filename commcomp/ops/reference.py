@@ -6,9 +6,12 @@ and are restated here in tensor form. They serve as the specification in tests a
 backend when the extension is not built. They favour clarity over speed.
 
 Random numbers come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as
-1, 2, 3", SC 2011), counter-based: element ``i`` of a call uses counter ``(offset + i) >> 2``
-and word ``(offset + i) & 3`` under key ``seed``. So any slice of a tensor, ternarized with its
-starting index as ``offset``, draws exactly the numbers the whole tensor would have drawn.
+1, 2, 3", SC 2011), counter-based. The ternary codec follows version
+:data:`TERNARY_SPEC_VERSION` (2) of ``csrc/ternary.h``: element ``i`` of a call, global index
+``g = offset + i``, uses counter ``g >> 3`` under key ``seed``, word ``(g >> 1) & 3`` of it and
+the half ``g & 1`` of that word (low half first), a 16-bit draw ``h`` and ``u = h * 2**-16``.
+So any slice of a tensor, ternarized with its starting index as ``offset``, draws exactly the
+numbers the whole tensor would have drawn.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import torch
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-_TWO_POW_MINUS_24 = 2.0**-24
+_TWO_POW_MINUS_16 = 2.0**-16
+
+#: Version of the ternary codec's bit-level specification (``kTernarySpecVersion`` in
+#: ``csrc/ternary.h``) that this twin implements; the compiled library must report the same.
+#: Version 1 drew a 24-bit uniform from one 32-bit word per element (counter ``g >> 2``).
+TERNARY_SPEC_VERSION = 2
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,15 +60,18 @@ def philox4x32_10(counters: torch.Tensor, seed: int, tag: int = 0) -> torch.Tens
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def random_words(n: int, seed: int, offset: int, device=None) -> torch.Tensor:
-    """The uint32 random word (as int64) of each of ``n`` elements starting at ``offset``."""
+def random_draws16(n: int, seed: int, offset: int, device=None) -> torch.Tensor:
+    """The 16-bit draw (as int64) of each of ``n`` elements starting at global index
+    ``offset``: index ``g`` takes half ``g & 1`` (low half first) of word ``(g >> 1) & 3`` of
+    counter ``g >> 3``, i.e. the counters' words in order, split into little-endian halves."""
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    first, last = offset >> 2, (offset + n - 1) >> 2
+    first, last = offset >> 3, (offset + n - 1) >> 3
     ctr = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     words = philox4x32_10(ctr, seed).reshape(-1)
-    start = offset - 4 * first
-    return words[start : start + n]
+    draws = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1)
+    start = offset - 8 * first
+    return draws[start : start + n]
 
 
 def segment_lengths(segments: Optional[Sequence[int]], n: int) -> list:
@@ -78,7 +89,7 @@ def ternary_codes(x, scales, segments, seed, offset) -> torch.Tensor:
     n = x.numel()
     xf = x.reshape(-1).float()
     s = per_element(scales.float(), segments, n)
-    u = (random_words(n, seed, offset, x.device) >> 8).float() * _TWO_POW_MINUS_24
+    u = random_draws16(n, seed, offset, x.device).float() * _TWO_POW_MINUS_16  # exact
     a = torch.minimum(xf.abs(), s)  # NaN propagates and then never compares true
     nonzero = (u * s) < a
     sign = torch.where(xf > 0, 1, -1)

@@ -37,7 +37,8 @@ __global__ void ternarize_kernel(const scalar_t* __restrict__ x, int64_t n,
     const int cnt = n - i0 < 4 ? static_cast<int>(n - i0) : 4;
     float v[4];
     gpu::load4<scalar_t, kVec>(x, i0, cnt, v);
-    // With offset % 4 == 0 the four words come from one Philox call, else from two.
+    // The four 16-bit draws come from one Philox call (8 elements share a counter), or from
+    // two when the group straddles a multiple of 8 (offset % 4 != 0).
     PhiloxStream rng(seed);
     int64_t s = seg.find(i0);
     uint32_t bits = 0u;
@@ -46,7 +47,7 @@ __global__ void ternarize_kernel(const scalar_t* __restrict__ x, int64_t n,
       if (k < cnt) {
         const int64_t i = i0 + k;
         s = seg.advance(s, i);
-        const int c = ternary_code(v[k], scales[s], rng.word(offset + static_cast<uint64_t>(i)));
+        const int c = ternary_code(v[k], scales[s], rng.draw16(offset + static_cast<uint64_t>(i)));
         // Pack: field k holds encode2(c). Int8: byte k holds c (little-endian word).
         bits |= kPack ? encode2(c) << (2 * k)
                       : static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(c)))

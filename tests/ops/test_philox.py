@@ -40,15 +40,39 @@ def test_full_counter_and_key_known_answer():
             assert reference.philox4x32_10(torch.tensor([ctr]), seed)[0].tolist() == want
 
 
-def test_random_words_layout_is_offset_consistent():
-    whole = reference.random_words(37, seed=9, offset=5)
+def test_draws16_layout_is_offset_consistent():
+    whole = reference.random_draws16(37, seed=9, offset=5)
     for start in range(0, 37, 3):
-        part = reference.random_words(37 - start, seed=9, offset=5 + start)
+        part = reference.random_draws16(37 - start, seed=9, offset=5 + start)
         assert torch.equal(part, whole[start:])
 
 
-def test_uniform_24_bit_draws_look_uniform():
-    u = (reference.random_words(1 << 16, seed=3, offset=0) >> 8).double() / 2**24
+def test_draws16_follow_the_spec_v2_mapping():
+    """Global index g draws half g & 1 (low first) of word (g >> 1) & 3 of counter g >> 3:
+    checked index by index against the round function in plain Python (not the torch one)."""
+    def philox_words(ctr, seed):
+        m0, m1, w0, w1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+        c = [ctr & 0xFFFFFFFF, ctr >> 32, 0, 0]
+        k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+        for _ in range(10):
+            p0, p1 = m0 * c[0], m1 * c[2]
+            c = [(p1 >> 32) ^ c[1] ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k1, p0 & 0xFFFFFFFF]
+            k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
+        return c
+
+    for seed, offset, n in [(0, 0, 16), (12345, 13, 16), (2**40 + 3, 2**35 - 5, 21), (2**63 - 1, 7, 3)]:
+        got = reference.random_draws16(n, seed=seed, offset=offset).tolist()
+        want = []
+        for g in range(offset, offset + n):
+            r = philox_words(g >> 3, seed)[(g >> 1) & 3]
+            want.append((r >> 16) if g & 1 else (r & 0xFFFF))
+        assert got == want
+
+
+def test_uniform_16_bit_draws_look_uniform():
+    h = reference.random_draws16(1 << 16, seed=3, offset=0)
+    assert int(h.min()) >= 0 and int(h.max()) < 2**16
+    u = h.double() / 2**16
     # Mean and variance of U[0, 1) within 6 standard errors.
     n = u.numel()
     assert abs(u.mean().item() - 0.5) < 6 * (1 / 12 / n) ** 0.5
@@ -56,3 +80,7 @@ def test_uniform_24_bit_draws_look_uniform():
     expected = n / 16
     chi2 = ((hist - expected) ** 2 / expected).sum().item()
     assert chi2 < 50  # 15 dof: P(chi2 > 50) ~ 1e-5
+    # The low and high halves of a word are separate draws: no correlation between them.
+    lo, hi = u[0::2] - 0.5, u[1::2] - 0.5
+    corr = (lo * hi).mean().item() / (1 / 12)
+    assert abs(corr) < 6 / (n / 2) ** 0.5

@@ -1,5 +1,7 @@
 """segment_stats: per-segment max |x| and population std."""
 
+import math
+
 import pytest
 import torch
 
@@ -67,3 +69,31 @@ def test_high_mean_over_many_pieces_is_accurate(native, ref, device):
     _, s1 = native.segment_stats(x, None)
     _, s2 = ref.segment_stats(x, None)
     torch.testing.assert_close(s1, s2, rtol=2e-6, atol=0)
+
+
+def _four_lane_std(values):
+    """The CPU kernel's std of one piece (< 16384 values), in Python floats (IEEE doubles):
+    lane k sums the values i = k (mod 4) centred on the first one, the tail goes to lane 0."""
+    n, k0 = len(values), values[0]
+    lin, sq = [0.0] * 4, [0.0] * 4
+    body = n & ~3
+    for i, v in enumerate(values):
+        k = i % 4 if i < body else 0
+        d = v - k0
+        lin[k] += d
+        sq[k] += d * d
+    total = (lin[0] + lin[1]) + (lin[2] + lin[3])
+    m2 = max(((sq[0] + sq[1]) + (sq[2] + sq[3])) - total * total / n, 0.0)
+    return torch.tensor(math.sqrt(m2 / n), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_cpu_std_is_the_four_lane_float64_sum_exactly(dtype):
+    """The vectorized CPU loop rounds exactly like the plain four-accumulator loop."""
+    if ops.backend("cpu") != "native":
+        pytest.skip("no native CPU kernels")
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 5, 8, 11, 1003, 4099):
+        x = (torch.randn(n, generator=g) * 3 + 7).to(dtype)
+        _, std = torch.ops.commcomp.segment_stats(x, None)
+        assert std[0].item() == _four_lane_std(x.float().tolist()).item(), n
