@@ -81,12 +81,14 @@ def _profile_exchange(state, buckets, steps):
     from commcomp.hooks.terngrad import _reduce_bucket
 
     stage_ms, calls, walls, ops = {}, {}, [], {}
+    bufs = [grads.clone() for _, grads, _ in buckets]  # DDP's bucket buffers exist across steps too
     for step in range(steps + 1):
+        for buf, (_, grads, _) in zip(bufs, buckets):  # the recorded gradients, outside the profile
+            buf.copy_(grads)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            for index, grads, lengths in buckets:
-                buf = grads.clone()
-                _reduce_bucket(state, index, step, buf, lengths, buf, [])
+            for buf, (index, _, lengths) in zip(bufs, buckets):
+                _reduce_bucket(state, index, step, buf, lengths, buf, [], last=buf is bufs[-1])
             wall = time.perf_counter() - t0
         if step == 0:
             continue  # warm-up: first collective connections, allocator
