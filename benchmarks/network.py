@@ -126,7 +126,12 @@ def torch_hook(ddp, hook: str, rank: str):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if hook == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        # torch's bf16_compress_hook itself; DDP refuses it by name without CUDA and NCCL, but gloo
+        # all-reduces bfloat16 on CPU, so it runs under another name.
+        def bf16_compress_on_cpu(process_group, bucket):
+            return default_hooks.bf16_compress_hook(process_group, bucket)
+
+        ddp.register_comm_hook(None, bf16_compress_on_cpu)
         return None
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=int(rank or 1),
                                         start_powerSGD_iter=2, min_compression_rate=2)

@@ -46,17 +46,16 @@ TERNARY = ("int8", "allgather", "two_phase")
 HOOKS = ("none", "fp16", "terngrad", "sketch_dp", "gradient_coding", "gradient_tracking")
 
 # Measured by `commcomp calibrate --world 4 --params 4M` on the 2-core development machine
-# (torch 2.13 CPU, gloo on loopback), 2026-11-23: per hook, the CPU cost per pass-element and
-# per step, with 4 ranks sharing 2 cores. Not fitted to the benchmarks it is checked against.
+# (torch 2.13 CPU, gloo on loopback), 2026-12-04, after issue 15's TernGrad work (pooled buffers,
+# pipelined pieces, ternary spec v2 on AVX-512): per hook, the CPU cost per pass-element and per
+# step, with 4 ranks sharing 2 cores. Not fitted to the benchmarks it is checked against.
 BUILTIN = {
-    "source": "builtin: commcomp calibrate --world 4 --params 4M on the 2-core development machine, torch 2.13 CPU",
+    "source": "builtin: commcomp calibrate --world 4 --params 4M on the 2-core development machine, torch 2.13 CPU, "
+              "2026-12-04",
     "ranks_per_host": 4, "cores": 2,
-    "link": {"bandwidth_bytes_per_s": 1.12e9, "latency_s": 8.8e-4},
-    "seconds_per_pass_element": {"none": 5.97e-09, "fp16": 3.09e-09, "terngrad/int8": 1.45e-08,
-                                 "terngrad/allgather": 1.66e-08, "terngrad/two_phase": 9.27e-09,
-                                 "sketch_dp": 2.81e-08, "gradient_tracking": 6.21e-09},
-    "fixed_s": {"none": 0.00687, "fp16": 0.0123, "terngrad/int8": 0.0168, "terngrad/allgather": 0.0113,
-                "terngrad/two_phase": 0.0253, "sketch_dp": 0.00303, "gradient_tracking": 0.0485},
+    "link": {"bandwidth_bytes_per_s": 1.47e+09, "latency_s": 0.00145},
+    "seconds_per_pass_element": {"none": 7.02e-09, "fp16": 3.42e-09, "terngrad/int8": 5.69e-09, "terngrad/allgather": 5.61e-09, "terngrad/two_phase": 3.81e-09, "sketch_dp": 5.71e-08, "gradient_tracking": 5.37e-09},
+    "fixed_s": {"none": 0.00253, "fp16": 0.0167, "terngrad/int8": 0.0105, "terngrad/allgather": 0.0128, "terngrad/two_phase": 0.00887, "sketch_dp": 0.00771, "gradient_tracking": 0},
 }
 
 
