@@ -3,6 +3,7 @@
 import torch
 
 from commcomp.ops import reference
+from tests.ops._spec import philox_words
 
 # Random123's known-answer vectors for philox4x32_10, also produced by ATen's
 # at::Philox4_32 (key = seed, counter = (lo, hi, 0, 0)).
@@ -50,16 +51,6 @@ def test_draws16_layout_is_offset_consistent():
 def test_draws16_follow_the_spec_v2_mapping():
     """Global index g draws half g & 1 (low first) of word (g >> 1) & 3 of counter g >> 3:
     checked index by index against the round function in plain Python (not the torch one)."""
-    def philox_words(ctr, seed):
-        m0, m1, w0, w1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-        c = [ctr & 0xFFFFFFFF, ctr >> 32, 0, 0]
-        k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-        for _ in range(10):
-            p0, p1 = m0 * c[0], m1 * c[2]
-            c = [(p1 >> 32) ^ c[1] ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k1, p0 & 0xFFFFFFFF]
-            k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
-        return c
-
     for seed, offset, n in [(0, 0, 16), (12345, 13, 16), (2**40 + 3, 2**35 - 5, 21), (2**63 - 1, 7, 3)]:
         got = reference.random_draws16(n, seed=seed, offset=offset).tolist()
         want = []

@@ -12,6 +12,7 @@ import torch
 
 import commcomp
 from commcomp import ops
+from tests.ops._spec import philox_words
 
 LENGTHS = [0, 1, 3, 4, 5, 4097, 10**6 + 3]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -252,22 +253,10 @@ def test_cuda_grid_stride_loop_covers_large_tensors():
 
 # ---------------------------------------------------------------- spec version 2, by hand
 
-def _philox_words(ctr, seed):
-    """Philox4x32-10 of counter (lo32(ctr), hi32(ctr), 0, 0), key seed, in plain Python ints."""
-    m0, m1, w0, w1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-    c = [ctr & 0xFFFFFFFF, ctr >> 32, 0, 0]
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    for _ in range(10):
-        p0, p1 = m0 * c[0], m1 * c[2]
-        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k1, p0 & 0xFFFFFFFF]
-        k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
-    return c
-
-
 def _draw16(g, seed):
     """The spec's 16-bit draw of global index g: half g & 1 of word (g >> 1) & 3 of counter
     g >> 3."""
-    r = _philox_words(g >> 3, seed)[(g >> 1) & 3]
+    r = philox_words(g >> 3, seed)[(g >> 1) & 3]
     return (r >> 16) if g & 1 else (r & 0xFFFF)
 
 
