@@ -46,6 +46,8 @@ from commcomp.utils import mix_seed, validate
 from commcomp.utils.metrics import ByteCounter, ring_allreduce_bytes
 
 from .exchange import NeighbourExchange
+from .flat import FlatParameters
+from .flat import eligible as flat_eligible
 from .hook import GradientTrackingState, _compressor_options, _describe, _name, gradient_tracking_hook
 from .mixing import Mixer, check_gamma, check_static, default_gamma, make_mixing_compressor, wide
 from .prox import make_prox
@@ -153,6 +155,8 @@ class GradientTracking(Configurable):
         self._names = [n for n, _ in self._named]
         self._lengths = [p.numel() for _, p in self._named]
         self.bytes = ByteCounter(("bytes_x", "bytes_y", "bytes_diagnostic"))
+        # parameters and gradients as views into flat buffers (no DDP: DDP owns its gradients)
+        self.flat = None if self.ddp or flat_eligible(self._named) is not None else FlatParameters(self._named)
         self.hook_state = self._y_side(model, tracker, process_group)
         self._x_side(sync_init)
         self.step_count = 0
@@ -189,8 +193,12 @@ class GradientTracking(Configurable):
         if sync_init and not self.ddp:
             with torch.no_grad():
                 group = self.process_group
-                for _, p in self._named:
-                    dist.broadcast(p.data, dist.get_global_rank(group, 0) if group else 0, group=group)
+                src = dist.get_global_rank(group, 0) if group else 0
+                if self.flat is not None:
+                    dist.broadcast(self.flat.params(), src, group=group)  # one message, into the views
+                else:
+                    for _, p in self._named:
+                        dist.broadcast(p.data, src, group=group)
         by_name = dict(self._named)
         # hat_i = acc_i = x^0: the shared starting model, which every rank can reproduce
         self.mixer_x = Mixer(self.exchange, self.compressor_x, self.gamma_x,
@@ -225,9 +233,15 @@ class GradientTracking(Configurable):
         return chosen
 
     def _flat_params(self) -> torch.Tensor:
+        """The parameters as one flat tensor: the flat buffer itself when they live in one
+        (do not modify it), else a concatenated copy."""
+        if self.flat is not None:
+            return self.flat.params()
         return torch.cat([p.detach().reshape(-1) for _, p in self._named])
 
     def _flat_grads(self) -> torch.Tensor:
+        if self.flat is not None:
+            return self.flat.grads()
         return torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for _, p in self._named])
 
@@ -247,6 +261,12 @@ class GradientTracking(Configurable):
 
     # -- the optimizer surface
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients. When the parameters live in a flat buffer (any model but a DDP
+        one, with one dtype and device) the gradient buffer is zeroed in place and
+        ``set_to_none`` is ignored: the ``.grad`` views stay, and backward adds into them."""
+        if self.flat is not None:
+            self.flat.zero_grad()
+            return
         for _, p in self._named:
             if p.grad is not None:
                 if set_to_none:
@@ -262,22 +282,34 @@ class GradientTracking(Configurable):
             with torch.enable_grad():
                 loss = closure()
         t = self.step_count
-        x_prev = self._flat_params()  # x^t: where a non-finite x^{t+1/2} falls back to
-        if self.hook_state is not None:
-            if self.hook_state.step != t + 1:
-                raise RuntimeError(
-                    f"commcomp: GradientTracking.step() is at step {t} but the DDP hook has run "
-                    f"{self.hook_state.step} step(s); call backward() through the DDP model exactly once "
-                    "before each step()"
-                )
+        if self.hook_state is not None and self.hook_state.step != t + 1:
+            raise RuntimeError(
+                f"commcomp: GradientTracking.step() is at step {t} but the DDP hook has run "
+                f"{self.hook_state.step} step(s); call backward() through the DDP model exactly once "
+                "before each step()"
+            )
+        if self.flat is not None:
+            self._flat_step(t)
         else:
-            g = self._flat_grads()
-            started = self.tracker.start(g, self._names, self._lengths, t, 0, True)
-            self._write(self.tracker.finish(started, t), grads=True)
-        # 3. x^{t+1/2} = prox(x - lr * y)
+            self._copying_step(t)
+        self.step_count = t + 1
+        if self.metrics_every and self.step_count % self.metrics_every == 0:
+            self.measure()
+        return loss
+
+    def _descend(self, y: Optional[torch.Tensor]) -> None:
+        """3. ``x^{t+1/2} = prox(x - lr * y)``, with ``y`` the flat tracker (flat path) or the
+        parameters' ``.grad`` (which then hold ``y``)."""
         if self.optimizer is not None:
-            self.optimizer.step()
+            if y is not None:
+                with self.flat.grads_as(y if y.dtype == self.flat.x.dtype else y.to(self.flat.x.dtype)):
+                    self.optimizer.step()
+            else:
+                self.optimizer.step()
             lrs = {p: group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
+        elif y is not None:
+            self.flat.params().add_(y.to(self.flat.x.dtype), alpha=-self.lr)
+            lrs = None
         else:
             for _, p in self._named:
                 if p.grad is not None:
@@ -287,24 +319,56 @@ class GradientTracking(Configurable):
             for n, p in self._named:
                 if n in self._prox_names:
                     self.prox.apply_(p.data, lrs[p] if lrs is not None else self.lr)
-        # 4. x^{t+1} = mix(x^{t+1/2})
-        if self.prox is not None:  # zeros the prox left in x^{t+1/2} (read by measure(); no sync here)
+            # zeros the prox left in x^{t+1/2} (read by measure(); no sync here)
             proxed = [p for n, p in self._named if n in self._prox_names]
             self._prox_zeros = (sum((p == 0).sum() for p in proxed), sum(p.numel() for p in proxed))
-        v = self._flat_params()
+
+    def _count_bad_x(self, bad: torch.Tensor) -> None:
+        bad = bad.to(torch.int64)
+        self._bad_x = bad if self._bad_x is None else self._bad_x + bad
+
+    def _flat_step(self, t: int) -> None:
+        """A step on the flat buffers: no concatenation, no write-back; with the fused ternary
+        mixing every round is three native passes and the model is mixed in place."""
+        x = self.flat.params()
+        mixer = self.mixer_x
+        fused = mixer.fused and x.dtype == torch.float32
+        if not fused:  # x^t, where a non-finite x^{t+1/2} falls back to (a buffer kept across steps)
+            if getattr(self, "_x_prev", None) is None:
+                self._x_prev = torch.empty_like(x)
+            self._x_prev.copy_(x)
+        started = self.tracker.start(self.flat.grads(), self._names, self._lengths, t, 0, True)
+        y = self.tracker.finish(started, t)  # the kept y^t itself when its dtype is the model's
+        self._descend(y)
+        seed = mix_seed(self.seed, self.rank, t, 1)
+        if fused:
+            # a non-finite entry of x^{t+1/2} takes the estimate hat_i its neighbours hold
+            before = mixer.nonfinite
+            mixer.finish(mixer.start(x, self._names, self._lengths, t, seed, inplace=True), t)
+            self._count_bad_x(mixer.nonfinite - (before if before is not None else 0) > 0)
+            return
+        v = self._finite_or_previous(x, self._x_prev)
+        x.copy_(mixer.finish(mixer.start(v, self._names, self._lengths, t, seed), t))
+
+    def _finite_or_previous(self, v: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         # A non-finite x^{t+1/2} (an overflowing optimizer step) keeps x^t in those entries, without a
         # host sync: the neighbours still get a consistent message and nobody is poisoned.
         finite = torch.isfinite(v)
-        v = torch.where(finite, v, x_prev)
-        bad = (~finite.all()).to(torch.int64)
-        self._bad_x = bad if self._bad_x is None else self._bad_x + bad
+        self._count_bad_x(~finite.all())
+        return torch.where(finite, v, x_prev)
+
+    def _copying_step(self, t: int) -> None:
+        """A step on concatenated copies (DDP models, mixed dtypes or devices)."""
+        x_prev = self._flat_params()  # x^t: where a non-finite x^{t+1/2} falls back to
+        if self.hook_state is None:
+            g = self._flat_grads()
+            started = self.tracker.start(g, self._names, self._lengths, t, 0, True)
+            self._write(self.tracker.finish(started, t), grads=True)
+        self._descend(None)
+        v = self._finite_or_previous(self._flat_params(), x_prev)
         seed = mix_seed(self.seed, self.rank, t, 1)
         mixed = self.mixer_x.finish(self.mixer_x.start(v, self._names, self._lengths, t, seed), t)
         self._write(mixed, grads=False)
-        self.step_count = t + 1
-        if self.metrics_every and self.step_count % self.metrics_every == 0:
-            self.measure()
-        return loss
 
     @property
     def metrics(self) -> Dict[str, float]:

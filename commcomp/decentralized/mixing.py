@@ -25,7 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from commcomp import ops
 from commcomp.codecs import Compressor, Identity, RandomK, Ternary, TopK, make_compressor
+from commcomp.codecs.base import as_bytes, view_as
 from commcomp.utils import validate
 from commcomp.utils.metrics import ByteCounter
 
@@ -166,8 +168,24 @@ class FlatStore:
 class _Round:
     """One mixing round in flight."""
 
-    def __init__(self, inflight: Inflight, v, flats, ctx):
-        self.inflight, self.v, self.flats, self.ctx = inflight, v, flats, ctx
+    def __init__(self, inflight: Inflight, v, flats, ctx, lengths=None):
+        self.inflight, self.v, self.flats, self.ctx, self.lengths = inflight, v, flats, ctx, lengths
+
+
+def fusable(compressor: Compressor) -> bool:
+    """Whether compressed mixing with `compressor` runs on the fused native ops
+    (:func:`commcomp.ops.mix_encode` / :func:`~commcomp.ops.mix_decode`): the contractive,
+    unclipped ternary codec (2-bit or base-3 packing), on float32 state."""
+    return isinstance(compressor, Ternary) and compressor.contractive and compressor.clip_factor is None
+
+
+def contractive_scales(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """From :func:`commcomp.ops.mix_stats` rows: the codes' scale ``s = max |d|`` and the scale
+    sent, ``s / tau`` with ``tau = s ||d||_1 / ||d||_2^2`` (:meth:`Ternary._tau`; 1 for an
+    all-zero segment)."""
+    s, l1, l2 = stats[:, 0], stats[:, 1], stats[:, 2]
+    tau = torch.where(l2 > 0, s * l1 / l2.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(s))
+    return s, s / tau
 
 
 class Mixer:
@@ -203,9 +221,50 @@ class Mixer:
         self.store = FlatStore(2, first)  # var 0: hat_i, var 1: acc_i
         self.bytes = counter if counter is not None else ByteCounter()
         self._labels = (label,) if label else ()
+        self.fused = fusable(compressor)
+        self.nonfinite = None  # per round on the fused path: how many entries of v were not finite
 
-    def start(self, v: torch.Tensor, names: Sequence[str], lengths: Sequence[int], step: int, seed: int) -> _Round:
-        """Compress and send this rank's message for ``v`` (1-D); receive the neighbours'."""
+    def start(self, v: torch.Tensor, names: Sequence[str], lengths: Sequence[int], step: int, seed: int,
+              inplace: bool = False) -> _Round:
+        """Compress and send this rank's message for ``v`` (1-D); receive the neighbours'.
+
+        With ``inplace=True`` and a fused compressor (:func:`fusable`) on float32 ``v``, the
+        round works on ``v`` itself and :meth:`finish` returns it mixed; a non-finite entry of
+        ``v`` is then replaced by the estimate ``hat_i`` its neighbours hold (and counted in
+        :attr:`nonfinite`)."""
+        if self.fused and v.dtype == torch.float32:
+            return self._start_fused(v if inplace else v.clone(), names, lengths, step, seed)
+        return self._start(v, names, lengths, step, seed)
+
+    def _start_fused(self, v, names, lengths, step, seed) -> _Round:
+        ex = self.exchange
+        hat, acc = self.store.get(names, lengths, v)
+        stats = ops.mix_stats(v, hat, segments=lengths)
+        s, sent = contractive_scales(stats)
+        self_w = torch.tensor(ex.topology.self_weight(ex.rank, step), dtype=torch.float32, device=v.device)
+        codes = ops.mix_encode(v, hat, acc, s, sent, sent * self_w, seed, segments=lengths,
+                               base3=self.compressor.packing == "base3")
+        bad = stats[:, 3].sum()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        payload = torch.cat([as_bytes(sent), codes])
+        inflight = ex.start(payload, payload.numel(), step)
+        self.bytes.sent(payload.numel() * ex.fan_out(step), *self._labels)
+        return _Round(inflight, v, (hat, acc), None, list(lengths))
+
+    def _finish_fused(self, rnd: _Round, inflight) -> torch.Tensor:
+        hat, acc = rnd.flats
+        nseg = len(rnd.lengths)
+        head = 4 * nseg
+        packed, scales = [], []
+        for j, w in inflight.weights:
+            msg = inflight.received[j]
+            scales.append(view_as(msg[:head], torch.float32) * torch.tensor(w, dtype=torch.float32))
+            packed.append(msg[head:])
+        scales = torch.stack(scales) if scales else torch.zeros(0, nseg, device=acc.device)
+        return ops.mix_decode(rnd.v, hat, acc, packed, scales, self.gamma, segments=rnd.lengths,
+                              base3=self.compressor.packing == "base3")
+
+    def _start(self, v, names, lengths, step, seed) -> _Round:
         ex = self.exchange
         if self.exact:
             payload, ctx = self.compressor.compress(v, segments=lengths)
@@ -229,6 +288,8 @@ class Mixer:
         """Wait for the neighbours' messages and return the mixed value (a new tensor; float32 or
         float64 on the compressed path, ``v``'s dtype on the exact one)."""
         inflight = rnd.inflight.wait()
+        if rnd.lengths is not None:
+            return self._finish_fused(rnd, inflight)
         ex, v = self.exchange, rnd.v
         if self.exact:
             wide = torch.float64 if v.dtype == torch.float64 else torch.float32  # sum half types in fp32
@@ -245,4 +306,4 @@ class Mixer:
         return out.mul_(self.gamma).add_(v)
 
 
-__all__ = ["FlatStore", "Mixer", "check_gamma", "default_gamma"]
+__all__ = ["FlatStore", "Mixer", "check_gamma", "contractive_scales", "default_gamma", "fusable"]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from commcomp import ops
 from commcomp.codecs import Compressor
 from commcomp.utils import mix_seed
 from commcomp.utils.metrics import ByteCounter
@@ -71,13 +72,15 @@ class Tracker:
         step's last bucket (the non-finite count advances once per step)."""
         gw = g.to(wide(g.dtype))
         y, g_prev = self.store.get(names, lengths, gw)
+        if self.tracking and self.mixer.fused and y.dtype == torch.float32:
+            # y^{t-1/2} formed in place in y (one native pass), then mixed in place
+            ok = ops.track_prep(y, gw, g_prev)
+            self._count(~ok, last)
+            seed = mix_seed(self.seed, self.exchange.rank, step, 0, key)
+            return _Started(self.mixer.start(y, names, lengths, step, seed, inplace=True), y, g.dtype)
         ok = torch.isfinite(gw).all()
         g_used = torch.where(ok, gw, g_prev)
-        self._step_bad = ~ok if self._step_bad is None else self._step_bad | ~ok
-        if last:
-            bad = self._step_bad.to(torch.int64)
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
-            self._step_bad = None
+        self._count(~ok, last)
         if not self.tracking:
             g_prev.copy_(g_used)
             y.copy_(g_used)
@@ -87,11 +90,21 @@ class Tracker:
         seed = mix_seed(self.seed, self.exchange.rank, step, 0, key)
         return _Started(self.mixer.start(y_half, names, lengths, step, seed), y, g.dtype)
 
+    def _count(self, bad: torch.Tensor, last: bool) -> None:
+        """Count a step with a non-finite gradient in any bucket, once per step, without a sync."""
+        self._step_bad = bad if self._step_bad is None else self._step_bad | bad
+        if last:
+            n = self._step_bad.to(torch.int64)
+            self._nonfinite = n if self._nonfinite is None else self._nonfinite + n
+            self._step_bad = None
+
     def finish(self, started: _Started, step: int) -> torch.Tensor:
         """Wait for the neighbours and return ``y_i^t`` in the gradient's dtype (kept, in float32
-        or float64, for the next step)."""
+        or float64, for the next step; the kept tensor itself when the dtypes agree)."""
         if started.rnd is not None:
-            started.y.copy_(self.mixer.finish(started.rnd, step))
+            mixed = self.mixer.finish(started.rnd, step)
+            if mixed is not started.y:
+                started.y.copy_(mixed)
         return started.y.to(started.dtype)
 
     def value(self, name: str, var: int):

@@ -20,6 +20,18 @@ Randomness is Philox4x32-10 keyed by ``seed``, one counter per 8 elements: eleme
 ``(x, scale, seed, offset)`` gives the same bytes on the reference, the CPU and the CUDA
 kernels, and a slice ternarized with ``offset = start`` matches the whole.
 
+Base-3 packing (five codes per byte, 1.6 bits per element; digit ``code + 1`` of weight
+``3^j`` for element ``5k + j`` of byte ``k``, the last byte padded with code 0):
+:func:`ternarize_base3` draws the codes of :func:`ternarize_pack` and packs them so;
+:func:`unpack_base3` decodes them.
+
+Compressed gossip (the CHOCO / CDProxSGT mixing of :mod:`commcomp.decentralized.mixing`) over
+flat float32 state, three passes per round: :func:`mix_stats` (per-segment statistics of
+``d = v - hat`` from which the contractive scale is formed), :func:`mix_encode` (the codes of
+``d``, ``hat += q``, ``acc += W_ii q``, in one pass), :func:`mix_decode` (every neighbour's
+codes into ``acc`` and ``v += gamma (acc - hat)``, in one pass); and :func:`track_prep`, the
+gradient tracker's ``y += g - g_prev`` behind a finite check.
+
 Sketches (Song et al. 2022, "Sketching for distributed deep learning"): linear maps
 ``R`` (``s x d``, ``E[R^T R] = I``) drawn from a seed shared by all ranks, never materialized.
 
@@ -58,6 +70,12 @@ __all__ = [
     "unpack",
     "unpack_accumulate",
     "segment_stats",
+    "ternarize_base3",
+    "unpack_base3",
+    "mix_stats",
+    "mix_encode",
+    "mix_decode",
+    "track_prep",
     "countsketch",
     "countsketch_transpose",
     "srht",
@@ -202,6 +220,90 @@ def segment_stats(
     _checks.float_tensor(x, "x")
     segs = _checks.segments(segments, x.numel())
     return torch.ops.commcomp.segment_stats(x.detach().reshape(-1), segs)
+
+
+def ternarize_base3(x: torch.Tensor, scale, seed: int, offset: int = 0, *,
+                    segments: Optional[Sequence[int]] = None, validate: bool = True) -> torch.Tensor:
+    """The codes of :func:`ternarize_pack` (same arguments, same draws) packed five to a byte:
+    a uint8 tensor of ``ceil(x.numel() / 5)`` bytes (1.6 bits per element)."""
+    return _ternarize(torch.ops.commcomp.ternarize_base3, x, scale, seed, offset, segments, validate)
+
+
+def unpack_base3(packed: torch.Tensor, numel: int, scale, dtype: torch.dtype = torch.float32, *,
+                 segments: Optional[Sequence[int]] = None, validate: bool = True) -> torch.Tensor:
+    """Decode a payload of :func:`ternarize_base3` into ``scale * code`` of ``dtype``."""
+    _checks.packed_tensor(packed)
+    numel = _checks.integer(numel, "numel")
+    if packed.numel() != _checks.base3_nbytes(numel):
+        raise ValueError(
+            f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs "
+            f"{_checks.base3_nbytes(numel)} (ceil(numel / 5)); pass the numel that was packed"
+        )
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
+    segs = _checks.segments(segments, numel)
+    s = _checks.scales(scale, 1, 1 if segs is None else len(segs), packed.device)
+    if validate:
+        _checks.raise_on_values(s)
+    return torch.ops.commcomp.unpack_base3(packed.reshape(-1), numel, s, segs, dtype)
+
+
+def mix_stats(v: torch.Tensor, hat: torch.Tensor, *, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Per segment of ``d = v - hat`` (flat float32 tensors of one length), over its finite
+    entries: ``max |d|``, ``sum |d|``, ``sum d^2`` (summed in float64) and how many entries are
+    not finite, as float32 ``[S, 4]``. One read of ``v`` and ``hat``."""
+    _checks.state_tensors(v, [("v", v), ("hat", hat)])
+    segs = _checks.segments(segments, v.numel())
+    return torch.ops.commcomp.mix_stats(v.detach().reshape(-1), hat.reshape(-1), segs)
+
+
+def mix_encode(v: torch.Tensor, hat: torch.Tensor, acc: torch.Tensor, scales, hat_scales, acc_scales,
+               seed: int, offset: int = 0, *, segments: Optional[Sequence[int]] = None,
+               base3: bool = False) -> torch.Tensor:
+    """One pass of compressed mixing's send side, in place on flat float32 ``v``, ``hat``, ``acc``.
+
+    ``code`` = the ternary codes of ``d = v - hat`` against ``scales`` (those
+    :func:`ternarize_int8` draws for ``d`` with this ``seed`` and ``offset``); where ``d`` is
+    not finite the code is 0 and ``v`` takes ``hat``'s value (a non-finite model entry falls
+    back to the estimate its neighbours hold). Then per segment ``hat += code * hat_scales``
+    and ``acc += code * acc_scales`` (``acc_scales = W_ii * hat_scales``, rounded by the
+    caller: every product with a code is exact). Returns the codes packed four
+    (``base3=False``) or five (``base3=True``) to a byte. Scales are not checked for values.
+    """
+    _checks.state_tensors(v, [("v", v), ("hat", hat), ("acc", acc)])
+    segs = _checks.segments(segments, v.numel())
+    nseg = 1 if segs is None else len(segs)
+    s, hs, as_ = (_checks.scales(t, 1, nseg, v.device, name) for t, name in
+                  ((scales, "scales"), (hat_scales, "hat_scales"), (acc_scales, "acc_scales")))
+    seed = _checks.integer(seed, "seed")
+    offset = _checks.integer(offset, "offset", high=2**63 - v.numel())
+    return torch.ops.commcomp.mix_encode(v.detach().reshape(-1), hat.reshape(-1), acc.reshape(-1), s, hs, as_,
+                                         segs, seed, offset, bool(base3))
+
+
+def mix_decode(v: torch.Tensor, hat: torch.Tensor, acc: torch.Tensor, packed: Sequence[torch.Tensor], scales,
+               gamma: float, *, segments: Optional[Sequence[int]] = None, base3: bool = False) -> torch.Tensor:
+    """One pass of compressed mixing's receive side, in place: ``acc += sum_w code_w * scales[w]``
+    (the neighbours' codes, ``packed[w]``, each with its per-segment ``scales[w]`` already
+    multiplied by its weight ``W_ij``; summed in float32 in order, then added), then
+    ``v += gamma * (acc - hat)``. Returns ``v``."""
+    _checks.state_tensors(v, [("v", v), ("hat", hat), ("acc", acc)])
+    segs = _checks.segments(segments, v.numel())
+    packed = [p.reshape(-1) for p in packed]
+    _checks._raw_mix_decode(v, hat, acc, packed, scales, segs, gamma, base3)
+    s = _checks.scales(scales, len(packed), 1 if segs is None else len(segs), v.device, "scales")
+    gamma = float(gamma)
+    torch.ops.commcomp.mix_decode(v.detach().reshape(-1), hat.reshape(-1), acc.reshape(-1), packed,
+                                  s.reshape(len(packed), -1), segs, gamma, bool(base3))
+    return v
+
+
+def track_prep(y: torch.Tensor, g: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:
+    """The gradient tracker's first half, in place on flat float32 tensors: if every entry of
+    ``g`` is finite, ``y = (y + g) - g_prev`` and ``g_prev = g``; otherwise nothing changes.
+    Returns a bool scalar tensor, True when ``g`` was finite (no host sync)."""
+    _checks.state_tensors(y, [("y", y), ("g", g), ("g_prev", g_prev)])
+    return torch.ops.commcomp.track_prep(y.reshape(-1), g.detach().reshape(-1), g_prev.reshape(-1))
 
 
 def countsketch(x: torch.Tensor, sketch_size: int, seed: int) -> torch.Tensor:

@@ -227,6 +227,64 @@ def _raw_unpack_accumulate(packed, scales_, segs, out):
     scales(scales_, packed.shape[0], len(segments(segs, out.numel()) or [0]), out.device, "scales")
 
 
+def base3_nbytes(n: int) -> int:
+    return (n + 4) // 5
+
+
+def _raw_unpack_base3(packed, numel, scales_, segs, dtype):
+    packed_tensor(packed)
+    integer(numel, "numel")
+    if packed.numel() != base3_nbytes(numel):
+        raise ValueError(f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs "
+                         f"{base3_nbytes(numel)} (ceil(numel / 5))")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
+    scales(scales_, 1, len(segments(segs, numel) or [0]), packed.device, "scales")
+
+
+def state_tensors(v, named) -> None:
+    """The flat float32 state of a mixing op: contiguous, as many elements as ``v``, same device."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"commcomp: {name} must be a float32 tensor, got {got}")
+        if not t.is_contiguous():
+            raise ValueError(f"commcomp: {name} must be contiguous; pass {name}.contiguous()")
+        if t.numel() != v.numel() or t.device != v.device:
+            raise ValueError(f"commcomp: {name} has {t.numel()} elements on {t.device} but v has "
+                             f"{v.numel()} on {v.device}; the mixing state must match v")
+
+
+def _raw_mix_stats(v, hat, segs):
+    state_tensors(v, [("v", v), ("hat", hat)])
+    segments(segs, v.numel())
+
+
+def _raw_mix_encode(v, hat, acc, scales_, hat_scales, acc_scales, segs, seed, offset, base3):
+    state_tensors(v, [("v", v), ("hat", hat), ("acc", acc)])
+    nseg = len(segments(segs, v.numel()) or [0])
+    for name, t in (("scales", scales_), ("hat_scales", hat_scales), ("acc_scales", acc_scales)):
+        scales(t, 1, nseg, v.device, name)
+    integer(seed, "seed")
+    integer(offset, "offset")
+
+
+def _raw_mix_decode(v, hat, acc, packed, scales_, segs, gamma, base3):
+    state_tensors(v, [("v", v), ("hat", hat), ("acc", acc)])
+    n = v.numel()
+    nbytes = base3_nbytes(n) if base3 else (n + 3) // 4
+    for k, p in enumerate(packed):
+        packed_tensor(p, f"packed[{k}]")
+        if p.numel() != nbytes or p.device != v.device:
+            raise ValueError(f"commcomp: packed[{k}] has {p.numel()} bytes on {p.device}; {n} elements "
+                             f"need {nbytes} on {v.device}")
+    scales(scales_, len(packed), len(segments(segs, n) or [0]), v.device, "scales")
+
+
+def _raw_track_prep(y, g, g_prev):
+    state_tensors(y, [("y", y), ("g", g), ("g_prev", g_prev)])
+
+
 def _raw_segment_stats(x, segs):
     float_tensor(x, "x")
     segments(segs, x.numel())
@@ -261,6 +319,12 @@ RAW_CHECKS = {
     "unpack": _raw_unpack,
     "unpack_accumulate": _raw_unpack_accumulate,
     "segment_stats": _raw_segment_stats,
+    "ternarize_base3": _raw_ternarize,
+    "unpack_base3": _raw_unpack_base3,
+    "mix_stats": _raw_mix_stats,
+    "mix_encode": _raw_mix_encode,
+    "mix_decode": _raw_mix_decode,
+    "track_prep": _raw_track_prep,
     "countsketch": _raw_countsketch,
     "countsketch_transpose": _raw_countsketch_transpose,
     "srht": _raw_srht,

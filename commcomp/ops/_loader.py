@@ -97,6 +97,29 @@ def _checked_reference(name: str):
     return op
 
 
+def _missing_ops() -> list:
+    """Operators of :data:`SCHEMAS` an (older) compiled extension does not declare: they are
+    declared here and served by their reference twins, with a warning to rebuild."""
+    missing = []
+    for name in SCHEMAS:
+        try:
+            getattr(torch.ops.commcomp, name)
+        except (AttributeError, RuntimeError):
+            missing.append(name)
+    if missing:
+        lib = torch.library.Library("commcomp", "FRAGMENT")
+        for name in missing:
+            lib.define(SCHEMAS[name])
+        _libraries.append(lib)
+        warnings.warn(
+            f"commcomp: the compiled extension lacks the operator(s) {missing}, so their pure-PyTorch "
+            "reference kernels are used (slower). Rebuild it with `pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return missing
+
+
 def load() -> Dict[str, str]:
     if BACKENDS:
         return BACKENDS
@@ -116,10 +139,11 @@ def load() -> Dict[str, str]:
         )
     BACKENDS["CPU"] = "native" if native is not None else "reference"
     BACKENDS["CUDA"] = "native" if native is not None and native.with_cuda else "reference"
+    missing = _missing_ops() if native is not None else []
     impl = torch.library.Library("commcomp", "IMPL")
     for key, kind in BACKENDS.items():
-        if kind == "reference":
-            for name in SCHEMAS:
+        for name in SCHEMAS:
+            if kind == "reference" or name in missing:
                 impl.impl(name, _checked_reference(name), key)
     _libraries.append(impl)
     logger.debug("commcomp kernels: %s", BACKENDS)

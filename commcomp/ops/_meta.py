@@ -34,6 +34,31 @@ def register() -> None:
             x.new_empty((nseg,), dtype=torch.float32),
         )
 
+    @torch.library.register_fake("commcomp::ternarize_base3")
+    def _(x, scales, segments, seed, offset):
+        return x.new_empty(((x.numel() + 4) // 5,), dtype=torch.uint8)
+
+    @torch.library.register_fake("commcomp::unpack_base3")
+    def _(packed, numel, scales, segments, dtype):
+        return packed.new_empty((numel,), dtype=dtype)
+
+    @torch.library.register_fake("commcomp::mix_stats")
+    def _(v, hat, segments):
+        return v.new_empty((1 if segments is None else len(segments), 4), dtype=torch.float32)
+
+    @torch.library.register_fake("commcomp::mix_encode")
+    def _(v, hat, acc, scales, hat_scales, acc_scales, segments, seed, offset, base3):
+        n = v.numel()
+        return v.new_empty(((n + 4) // 5 if base3 else (n + 3) // 4,), dtype=torch.uint8)
+
+    @torch.library.register_fake("commcomp::mix_decode")
+    def _(v, hat, acc, packed, scales, segments, gamma, base3):
+        return None
+
+    @torch.library.register_fake("commcomp::track_prep")
+    def _(y, g, g_prev):
+        return y.new_empty((), dtype=torch.bool)
+
     @torch.library.register_fake("commcomp::countsketch")
     def _(x, sketch_size, seed):
         return x.new_empty((sketch_size,), dtype=torch.float32)

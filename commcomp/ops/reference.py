@@ -141,6 +141,116 @@ def unpack_accumulate(packed, scales, segments, out) -> None:
     flat.copy_((flat.float() + acc).to(out.dtype))
 
 
+# ---------------------------------------------------------------------------------------
+# Base-3 packing: five ternary codes per byte (3^5 = 243 <= 256), 1.6 bits per element.
+# Code c of element 5k + j is the base-3 digit c + 1 of weight 3^j in byte k; the last byte
+# is padded with code 0 (digit 1). A byte b >= 243 (never written) decodes as b - 243.
+
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in {-1, 0, 1} -> uint8, five base-3 digits per byte."""
+    n = codes.numel()
+    digits = codes.reshape(-1).to(torch.int16) + 1
+    pad = (-n) % 5
+    if pad:
+        digits = torch.cat([digits, digits.new_ones(pad)])
+    weights = torch.tensor(_POW3, dtype=torch.int16, device=codes.device)
+    return (digits.view(-1, 5) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_base3_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_base3`: ``numel`` int8 codes."""
+    b = packed.reshape(-1).to(torch.int16) % 243
+    digits = torch.stack([(b // p) % 3 for p in _POW3], dim=1).reshape(-1)[:numel]
+    return (digits - 1).to(torch.int8)
+
+
+def ternarize_base3(x, scales, segments, seed, offset) -> torch.Tensor:
+    """The codes of :func:`ternarize_pack` (same draws), packed five to a byte."""
+    return pack_base3(ternary_codes(x, scales, segments, seed, offset))
+
+
+def unpack_base3(packed, numel, scales, segments, dtype) -> torch.Tensor:
+    s = per_element(scales.float(), segments, numel)
+    return (unpack_base3_codes(packed, numel).float() * s).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Compressed gossip (CHOCO / CDProxSGT mixing, commcomp.decentralized.mixing) in three passes
+# over flat float32 state: statistics of d = v - hat, encode (codes of d, hat += q,
+# acc += W_ii q), decode (acc += sum_j W_ij q_j, v += gamma (acc - hat)). Every product of a
+# code and a scale is exact, so the results do not depend on fused multiply-adds; the one
+# product that is not, gamma * (acc - hat), is rounded before it is added.
+
+def _diff(v, hat):
+    d = v.float() - hat
+    finite = torch.isfinite(d)
+    return torch.where(finite, d, torch.zeros_like(d)), finite
+
+
+def mix_stats(v, hat, segments) -> torch.Tensor:
+    """float32 ``[S, 4]`` per segment of ``d = v - hat`` over its finite entries: ``max |d|``,
+    ``sum |d|``, ``sum d^2`` (both summed in float64) and the count of non-finite entries."""
+    d, finite = _diff(v, hat)
+    rows = []
+    lengths = segment_lengths(segments, d.numel())
+    for part, ok in zip(torch.split(d, lengths), torch.split(finite, lengths)):
+        a = part.abs()
+        rows.append(torch.stack([
+            a.amax() if part.numel() else a.new_zeros(()),
+            a.double().sum().float(),
+            part.double().square().sum().float(),
+            (~ok).sum().float(),
+        ]))
+    if not rows:
+        return d.new_zeros((0, 4))
+    return torch.stack(rows)
+
+
+def mix_encode(v, hat, acc, scales, hat_scales, acc_scales, segments, seed, offset, base3) -> torch.Tensor:
+    """Codes of ``d = v - hat`` (those of :func:`ternarize_int8` with ``scales``; 0 where ``d``
+    is not finite, and there ``v`` takes ``hat``'s value); then ``hat += code * hat_scales``,
+    ``acc += code * acc_scales`` (per segment), in place. Returns the packed codes (2-bit or
+    base-3)."""
+    n = v.numel()
+    d, finite = _diff(v, hat)
+    codes = ternary_codes(d, scales, segments, seed, offset)
+    vf = v.view(-1)
+    vf.copy_(torch.where(finite, vf, hat.to(v.dtype)))
+    c = codes.float()
+    hat.view(-1).add_(c * per_element(hat_scales.float(), segments, n))
+    acc.view(-1).add_(c * per_element(acc_scales.float(), segments, n))
+    return pack_base3(codes) if base3 else pack_codes(codes)
+
+
+def mix_decode(v, hat, acc, packed, scales, segments, gamma, base3) -> None:
+    """``acc += sum_w code_w * scales[w]`` (the sum over payloads in float32, in order, then
+    added), then ``v += gamma * (acc - hat)`` (rounded as ``v + round(gamma * round(acc - hat))``)."""
+    n = v.numel()
+    t = torch.zeros(n, dtype=torch.float32, device=v.device)
+    for w, payload in enumerate(packed):
+        codes = unpack_base3_codes(payload, n) if base3 else unpack_codes(payload, n)
+        t = t + codes.float() * per_element(scales[w].float(), segments, n)
+    a = acc.view(-1)
+    a.add_(t)
+    m = (a - hat.view(-1)) * torch.tensor(gamma, dtype=torch.float32)
+    vf = v.view(-1)
+    vf.copy_((vf.float() + m).to(v.dtype))
+
+
+def track_prep(y, g, g_prev) -> torch.Tensor:
+    """The tracker's ``y += g - g_prev`` (as ``(y + g) - g_prev``) and ``g_prev = g`` if every
+    ``g`` is finite; otherwise nothing changes. Returns a bool scalar: ``g`` was finite."""
+    ok = torch.isfinite(g).all()
+    if bool(ok):
+        gf = g.view(-1).float()
+        y.view(-1).copy_((y.view(-1) + gf) - g_prev.view(-1))
+        g_prev.view(-1).copy_(gf)
+    return ok
+
+
 def segment_stats(x, segments) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per segment: max |x| (NaN if the segment has one) and population std (0 if empty)."""
     flat = x.reshape(-1).float()
