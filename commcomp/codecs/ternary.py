@@ -44,25 +44,6 @@ from .base import Compressor, Ctx, as_bytes, view_as
 
 
 PACKINGS = ("2bit", "base3")
-_POW3 = (1, 3, 9, 27, 81)
-
-
-def pack_base3(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in {-1, 0, 1} -> uint8, five base-3 digits per byte (the last byte padded with 0 codes)."""
-    n = codes.numel()
-    digits = (codes.reshape(-1).to(torch.int16) + 1)
-    pad = (-n) % 5
-    if pad:
-        digits = torch.cat([digits, digits.new_ones(pad)])
-    weights = torch.tensor(_POW3, dtype=torch.int16, device=codes.device)
-    return (digits.view(-1, 5) * weights).sum(1).to(torch.uint8)
-
-
-def unpack_base3(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The inverse of :func:`pack_base3`: ``numel`` int8 codes in {-1, 0, 1}."""
-    b = packed.reshape(-1).to(torch.int16)
-    digits = torch.stack([(b // p) % 3 for p in _POW3], dim=1).reshape(-1)[:numel]
-    return (digits - 1).to(torch.int8)
 
 
 def _check_clip(clip_factor) -> Optional[float]:
@@ -88,8 +69,7 @@ class Ternary(Compressor):
             biased, but ``E||C(x) - x||^2 <= (1 - delta) ||x||^2``. Not with ``clip_factor``.
         packing: ``"2bit"`` (default: four codes per byte, the native kernels' format) or
             ``"base3"``: five codes per byte as base-3 digits (``3^5 = 243 <= 256``), 1.6 bits
-            per element, 20% fewer bytes for the same codes (packed in PyTorch from the native
-            kernel's int8 codes; slower than ``"2bit"``).
+            per element, 20% fewer bytes for the same codes (:func:`commcomp.ops.ternarize_base3`).
 
     :meth:`compress` raises ``ValueError`` on NaN/Inf input (one host sync per call, for the
     check). Input float32/float16/bfloat16; :meth:`decompress` returns ``ctx.dtype``.
@@ -145,7 +125,7 @@ class Ternary(Compressor):
         s = self.scales(x, segs)
         # values were checked above; zero scales only occur over all-zero segments
         if self.packing == "base3":
-            packed = pack_base3(ops.ternarize_int8(x, s, seed, segments=segs, validate=False))
+            packed = ops.ternarize_base3(x, s, seed, segments=segs, validate=False)
         else:
             packed = ops.ternarize_pack(x, s, seed, segments=segs, validate=False)
         if self.contractive:
@@ -166,12 +146,7 @@ class Ternary(Compressor):
         nbytes = 4 * self._nseg(ctx)
         s = view_as(flat[:nbytes], torch.float32)
         segs = None if ctx.segments is None else list(ctx.segments)
-        if self.packing == "base3":
-            codes = unpack_base3(flat[nbytes:], ctx.numel).to(torch.float32)
-            parts = [codes] if segs is None else torch.split(codes, list(segs))
-            for i, part in enumerate(parts):  # views: scale each segment in place
-                part.mul_(s[i])
-            return codes.to(ctx.dtype).reshape(ctx.shape)
         # the scales came from compress (finite, >= 0): skip the host sync of validate
-        out = ops.unpack(flat[nbytes:], ctx.numel, s, ctx.dtype, segments=segs, validate=False)
+        unpack = ops.unpack_base3 if self.packing == "base3" else ops.unpack
+        out = unpack(flat[nbytes:], ctx.numel, s, ctx.dtype, segments=segs, validate=False)
         return out.reshape(ctx.shape)

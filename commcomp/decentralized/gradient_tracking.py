@@ -54,6 +54,8 @@ from .prox import make_prox
 from .topology import make_topology
 from .tracking import Tracker
 
+X_MIXING = ("after", "before")
+
 
 def _prox_record(prox):
     return None if prox is None else {"name": prox.name, **prox.options()}
@@ -95,6 +97,12 @@ class GradientTracking(Configurable):
         tracker: a :class:`commcomp.hooks.GradientTrackingState` already registered on the DDP model.
         metrics_every: run :meth:`measure` every this many steps (0: only when called). It
             all-reduces x, y and g in float64, counted in ``metrics["bytes_diagnostic"]``.
+        x_mixing: ``"after"`` (default, the paper's order): mix ``x^{t+1/2}`` after the proximal
+            step, a second round after the tracker's. ``"before"``: mix ``x^t`` in a round that
+            starts at the end of the previous step and travels while the next gradient is
+            computed, then ``x^{t+1} = prox(mix(x^t) - lr * y^t)`` (the order of DIGing-style
+            gradient tracking): one round on the critical path instead of two; its accuracy cost
+            is measured in docs/decentralized.md. Needs a non-DDP model with one dtype and device.
     """
 
     what = "GradientTracking"
@@ -111,13 +119,16 @@ class GradientTracking(Configurable):
         Option("prox", record=_prox_record),
         Option("prox_params", attr="_prox_names", record=sorted),
         Option("world_size"),
+        Option("x_mixing", lambda v, name: validate.choice(v, name, X_MIXING, hint=(
+            "'after' mixes x^{t+1/2} (the paper's order, two rounds per step); 'before' mixes x^t "
+            "while the gradient is computed (one round after backward)"))),
     )
 
     def __init__(self, model: torch.nn.Module, optimizer_or_lr: Union[float, torch.optim.Optimizer], *,
                  topology="ring", compressor=None, compressor_x=None, prox=None, prox_params=None,
                  gamma_x: Optional[float] = None, gamma_y: Optional[float] = None, tracking: bool = True,
                  process_group=None, seed: int = 0, sync_init: bool = True, tracker=None,
-                 metrics_every: int = 0):
+                 metrics_every: int = 0, x_mixing: str = "after"):
         if not dist.is_initialized():
             raise RuntimeError("commcomp: initialize torch.distributed before creating GradientTracking")
         # Validate everything before touching the model, the group or the DDP hook.
@@ -144,7 +155,12 @@ class GradientTracking(Configurable):
         self._set_options(
             topology=topo, compressor_y=compressor_y, compressor_x=compressor_x,
             gamma_x=default_gamma(compressor_x) if gamma_x is None else gamma_x, gamma_y=gamma_y,
-            tracking=tracking, seed=seed, prox=make_prox(prox), world_size=dist.get_world_size(process_group))
+            tracking=tracking, seed=seed, prox=make_prox(prox), world_size=dist.get_world_size(process_group),
+            x_mixing=x_mixing)
+        if self.x_mixing == "before" and (self.ddp or flat_eligible(self._named) is not None):
+            why = "the model is DistributedDataParallel" if self.ddp else flat_eligible(self._named)
+            raise ValueError(f"commcomp: x_mixing='before' needs the parameters in one flat buffer, but {why}; "
+                             "use x_mixing='after', or a plain nn.Module with one dtype and device")
         self.metrics_every = validate.integer(metrics_every, "metrics_every", low=0)  # this rank's own
         self._prox_names = self._select(prox_params)
         for comp in (self.compressor_x, self.compressor_y):
@@ -160,6 +176,7 @@ class GradientTracking(Configurable):
         self.hook_state = self._y_side(model, tracker, process_group)
         self._x_side(sync_init)
         self.step_count = 0
+        self._pending_x = None  # x_mixing="before": the round of x^t, started at the end of the last step
         self._bad_x = None
         self._prox_zeros = None
         self.diagnostics: Dict[str, float] = {}
@@ -337,18 +354,37 @@ class GradientTracking(Configurable):
             if getattr(self, "_x_prev", None) is None:
                 self._x_prev = torch.empty_like(x)
             self._x_prev.copy_(x)
+        before = self.x_mixing == "before"
+        if before and self._pending_x is None:  # the first step (or a resume without a round in flight)
+            self._pending_x = self._start_x(x, t, fused)
         started = self.tracker.start(self.flat.grads(), self._names, self._lengths, t, 0, True)
         y = self.tracker.finish(started, t)  # the kept y^t itself when its dtype is the model's
-        self._descend(y)
-        seed = mix_seed(self.seed, self.rank, t, 1)
-        if fused:
-            # a non-finite entry of x^{t+1/2} takes the estimate hat_i its neighbours hold
-            before = mixer.nonfinite
-            mixer.finish(mixer.start(x, self._names, self._lengths, t, seed, inplace=True), t)
-            self._count_bad_x(mixer.nonfinite - (before if before is not None else 0) > 0)
+        if before:  # x^{t+1} = prox(mix(x^t) - lr y^t)
+            self._finish_x(x, t, fused)
+            self._descend(y)
+            if not fused:
+                x.copy_(self._finite_or_previous(x, self._x_prev))
+            self._pending_x = self._start_x(x, t + 1, fused)  # travels during the next forward/backward
             return
-        v = self._finite_or_previous(x, self._x_prev)
-        x.copy_(mixer.finish(mixer.start(v, self._names, self._lengths, t, seed), t))
+        self._descend(y)  # x^{t+1} = mix(prox(x^t - lr y^t))
+        if not fused:
+            x.copy_(self._finite_or_previous(x, self._x_prev))
+        self._pending_x = self._start_x(x, t, fused)
+        self._finish_x(x, t, fused)
+
+    def _start_x(self, x: torch.Tensor, t: int, fused: bool):
+        seed = mix_seed(self.seed, self.rank, t, 1)
+        before = self.mixer_x.nonfinite
+        rnd = self.mixer_x.start(x, self._names, self._lengths, t, seed, inplace=True)
+        if fused:  # a non-finite entry of x took the estimate hat_i its neighbours hold: count the step
+            self._count_bad_x(self.mixer_x.nonfinite - (before if before is not None else 0) > 0)
+        return rnd
+
+    def _finish_x(self, x: torch.Tensor, t: int, fused: bool) -> None:
+        rnd, self._pending_x = self._pending_x, None
+        mixed = self.mixer_x.finish(rnd, t)
+        if not fused:
+            x.copy_(mixed)
 
     def _finite_or_previous(self, v: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         # A non-finite x^{t+1/2} (an overflowing optimizer step) keeps x^t in those entries, without a
@@ -389,6 +425,13 @@ class GradientTracking(Configurable):
         """fp32 all-reduce bytes over the bytes this rank sent (above 1: fewer bytes than DDP)."""
         m = self.metrics
         return m["bytes_sent_fp32_allreduce"] / m["bytes_sent"] if m["bytes_sent"] else float("nan")
+
+    @torch.no_grad()
+    def tracked(self) -> torch.Tensor:
+        """This rank's tracker ``y_i`` (its estimate of the average gradient after the last
+        step), flat in parameter order, float32 or float64 (a copy). The parameters' ``.grad``
+        hold the local gradients, except on a DDP model, whose hook writes ``y_i`` there."""
+        return self._tracked(0).to(wide(self._named[0][1].dtype))
 
     # -- diagnostics
     def _tracked(self, var: int) -> torch.Tensor:
@@ -444,9 +487,12 @@ class GradientTracking(Configurable):
         """Step, byte counts, the tracker (``y_i``, the last gradient, the estimates of
         compressed mixing) and the model-mixing estimates. The model and the optimizer are saved
         by you (``model.state_dict()``, ``optimizer.state_dict()``)."""
+        pending = None
+        if self._pending_x is not None:  # x_mixing="before": the round of x^t is in flight; keep its messages
+            pending = self.mixer_x.suspend(self._pending_x)
         return {"algorithm": "gradient_tracking", "options": self.options(), "step": self.step_count,
                 "bytes": self.bytes.state_dict(), "diagnostics": dict(self.diagnostics),
-                "mixer_x": self.mixer_x.store.to_dict(),
+                "mixer_x": self.mixer_x.store.to_dict(), "pending_x": pending,
                 "tracker": self.hook_state.state_dict() if self.hook_state is not None else self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -454,7 +500,9 @@ class GradientTracking(Configurable):
         GradientTracking checkpoint or was made with other options."""
         if state.get("algorithm") != "gradient_tracking":
             raise ValueError(f"commcomp: not a GradientTracking checkpoint (algorithm={state.get('algorithm')!r})")
-        self._check_saved_options(state.get("options", {}))
+        saved = dict(state.get("options", {}))
+        saved.setdefault("x_mixing", "after")  # checkpoints from before the option mixed x after the prox
+        self._check_saved_options(saved)
         old = state.get("metrics", {})  # (checkpoints before the byte counter kept them there)
         counts = state.get("bytes") or {k: old[k] for k in self.bytes if k in old}
         unknown = sorted(set(counts) - set(self.bytes))
@@ -464,14 +512,25 @@ class GradientTracking(Configurable):
             self.hook_state.load_state_dict(state["tracker"])
         else:
             self.tracker.load_state_dict(state["tracker"])
+        if self._pending_x is not None:  # a round this instance started: let it finish on the wire first
+            self._pending_x.inflight.wait()
+            self._pending_x = None
         self.mixer_x.store.load(state["mixer_x"])
-        self.mixer_x.store.get(self._names, self._lengths, self._flat_params())
+        x = self._flat_params()
+        self.mixer_x.store.get(self._names, self._lengths, x.to(wide(x.dtype)))
+        if state.get("pending_x") is not None:
+            self._pending_x = self.mixer_x.resume(state["pending_x"], x, self._names, self._lengths,
+                                                  int(state["step"]), inplace=True)
         self.bytes.load_state_dict(counts)
         self.diagnostics = dict(state.get("diagnostics", {}))
         self.step_count = int(state["step"])
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Close the DDP hook state this registered (its queued exchanges finish first)."""
+        """Wait for a model-mixing round still in flight (``x_mixing="before"``) and close the DDP
+        hook state this registered (its queued exchanges finish first)."""
+        if self._pending_x is not None:
+            self._pending_x.inflight.wait()
+            self._pending_x = None
         return self.hook_state.close(timeout) if self.hook_state is not None else True
 
     def __repr__(self) -> str:

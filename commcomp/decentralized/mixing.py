@@ -284,6 +284,34 @@ class Mixer:
         acc.add_(q, alpha=ex.topology.self_weight(ex.rank, step))
         return _Round(inflight, vw, (hat, acc), ctx)
 
+    def suspend(self, rnd: _Round) -> dict:
+        """Wait for a round's messages and return them, to checkpoint a round in flight (its
+        send side already changed the estimates, which the store's checkpoint holds)."""
+        inflight = rnd.inflight.wait()
+        return {"received": {int(j): m.detach().cpu().clone() for j, m in inflight.received.items()}}
+
+    def resume(self, state: dict, v: torch.Tensor, names: Sequence[str], lengths: Sequence[int],
+               step: int, inplace: bool = False) -> _Round:
+        """The round :meth:`suspend` saved, for ``v`` (the value it was started with): its
+        :meth:`finish` decodes the saved messages."""
+        ex = self.exchange
+        weights = ex.topology.in_neighbours(ex.rank, step)
+        missing = [j for j, _ in weights if j not in state["received"]]
+        if missing:
+            raise ValueError(f"commcomp: the checkpointed round lacks the messages of in-neighbour(s) {missing}")
+        received = {j: state["received"][j].to(v.device) for j, _ in weights}
+        inflight = Inflight([], received, weights, None)
+        if self.fused and v.dtype == torch.float32:
+            return _Round(inflight, v if inplace else v.clone(), tuple(self.store.get(names, lengths, v)), None,
+                          list(lengths))
+        if self.exact:
+            return _Round(inflight, v, None, self.compressor.context(v, segments=list(lengths)))
+        vw = v.to(wide(v.dtype))
+        flats = tuple(self.store.get(names, lengths, vw))
+        ctx = self.compressor.context(vw.numel(), torch.float32 if vw.dtype == torch.float64 else vw.dtype,
+                                      segments=list(lengths))
+        return _Round(inflight, vw, flats, ctx)
+
     def finish(self, rnd: _Round, step: int) -> torch.Tensor:
         """Wait for the neighbours' messages and return the mixed value (a new tensor; float32 or
         float64 on the compressed path, ``v``'s dtype on the exact one)."""
