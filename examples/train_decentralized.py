@@ -108,6 +108,8 @@ def run(rank, world, method, args, init_file, result_file):
         t0 = time.perf_counter()
         compute = 0.0
         for step in range(1, args.steps + 1):
+            if gt is not None and args.exact_tail and step == args.steps - args.exact_tail + 1:
+                gt.exact_mixing()  # the last --exact-tail steps: exact x and y messages (DProxSGT)
             batch = torch.randint(len(xs), (args.batch,), generator=gen)
             c0 = time.perf_counter()
             loss = F.cross_entropy(net(xs[batch]), ys[batch])
@@ -216,6 +218,9 @@ def main(argv=None):
     ap.add_argument("--l1", type=float, default=1e-4, help="l1 strength on weights (0: none)")
     ap.add_argument("--gamma", type=float, default=None,
                     help="consensus step size of the compressed methods (default: the library's, by compressor)")
+    ap.add_argument("--exact-tail", type=int, default=0,
+                    help="decentralized methods: mix x and y exactly in the last this many steps "
+                         "(GradientTracking.exact_mixing), which restores the prox's sparsity under compression")
     ap.add_argument("--topk-ratio", type=float, default=0.02)
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--classes-per-rank", type=int, default=3)

@@ -177,6 +177,7 @@ class GradientTracking(Configurable):
         self._x_side(sync_init)
         self.step_count = 0
         self._pending_x = None  # x_mixing="before": the round of x^t, started at the end of the last step
+        self._exact_since: Optional[int] = None  # exact_mixing(): the step from which both rounds are exact
         self._bad_x = None
         self._prox_zeros = None
         self.diagnostics: Dict[str, float] = {}
@@ -382,8 +383,8 @@ class GradientTracking(Configurable):
 
     def _finish_x(self, x: torch.Tensor, t: int, fused: bool) -> None:
         rnd, self._pending_x = self._pending_x, None
-        mixed = self.mixer_x.finish(rnd, t)
-        if not fused:
+        mixed = rnd.mixer.finish(rnd, t)  # (the mixer that started it: exact_mixing() may have come since)
+        if mixed is not x:
             x.copy_(mixed)
 
     def _finite_or_previous(self, v: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
@@ -420,6 +421,32 @@ class GradientTracking(Configurable):
                                                                                  self.world_size)
         m.update(steps=self.step_count, nonfinite_steps=self.tracker.nonfinite_steps, **self.diagnostics)
         return m
+
+    @torch.no_grad()
+    def exact_mixing(self) -> None:
+        """From the next :meth:`step` on, mix both ``x`` and ``y`` with exact messages and
+        ``gamma = 1`` (DProxSGT), e.g. for the last ~20 steps of a compressed run with an l1
+        prox, to get exactly sparse models.
+
+        Compressed gossip leaves every rank's model a dense disagreement with the average
+        (a median 20x the proximal threshold ``lr * lambda`` in docs/decentralized.md's l1 run),
+        so the prox zeroes almost nothing. Exact mixing contracts the disagreement by about
+        ``1 - spectral gap`` per step and the prox's zeros come back (about ``4 / gap`` steps:
+        20 on an 8-rank ring; measured there). Both variables must be exact: either one alone
+        is not enough. Both invariants hold (exact mixing with a doubly stochastic W keeps the
+        means of ``x`` and ``y``); the compressed estimates are dropped, so there is no going
+        back. Each exact step sends ``2 x 4`` bytes per parameter per neighbour (float32).
+        Idempotent; every rank must call it before the same step. With
+        ``x_mixing="before"`` the model round already in flight finishes compressed."""
+        if self._exact_since is not None:
+            return
+        exact = make_mixing_compressor(None)
+        self.mixer_x = Mixer(self.exchange, exact, 1.0, counter=self.bytes, label="bytes_x")
+        old = self.tracker.mixer
+        if old is not None:  # (tracking=False has no y messages)
+            self.tracker.mixer = Mixer(self.exchange, exact, 1.0, counter=old.bytes,
+                                       label=old._labels[0] if old._labels else None)
+        self._exact_since = self.step_count
 
     def compression_ratio(self) -> float:
         """fp32 all-reduce bytes over the bytes this rank sent (above 1: fewer bytes than DDP)."""
@@ -489,10 +516,15 @@ class GradientTracking(Configurable):
         by you (``model.state_dict()``, ``optimizer.state_dict()``)."""
         pending = None
         if self._pending_x is not None:  # x_mixing="before": the round of x^t is in flight; keep its messages
+            if self._pending_x.mixer is not self.mixer_x:
+                raise RuntimeError(
+                    "commcomp: cannot checkpoint between exact_mixing() and the next step() with "
+                    "x_mixing='before' (the compressed model round in flight would need the estimates "
+                    "exact_mixing() dropped); take the checkpoint after the next step()")
             pending = self.mixer_x.suspend(self._pending_x)
         return {"algorithm": "gradient_tracking", "options": self.options(), "step": self.step_count,
                 "bytes": self.bytes.state_dict(), "diagnostics": dict(self.diagnostics),
-                "mixer_x": self.mixer_x.store.to_dict(), "pending_x": pending,
+                "mixer_x": self.mixer_x.store.to_dict(), "pending_x": pending, "exact_since": self._exact_since,
                 "tracker": self.hook_state.state_dict() if self.hook_state is not None else self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -515,6 +547,9 @@ class GradientTracking(Configurable):
         if self._pending_x is not None:  # a round this instance started: let it finish on the wire first
             self._pending_x.inflight.wait()
             self._pending_x = None
+        if state.get("exact_since") is not None:
+            self.exact_mixing()
+            self._exact_since = int(state["exact_since"])
         self.mixer_x.store.load(state["mixer_x"])
         x = self._flat_params()
         self.mixer_x.store.get(self._names, self._lengths, x.to(wide(x.dtype)))

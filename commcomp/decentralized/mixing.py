@@ -170,6 +170,7 @@ class _Round:
 
     def __init__(self, inflight: Inflight, v, flats, ctx, lengths=None):
         self.inflight, self.v, self.flats, self.ctx, self.lengths = inflight, v, flats, ctx, lengths
+        self.mixer: Optional["Mixer"] = None  # the mixer that started it (set by Mixer)
 
 
 def fusable(compressor: Compressor) -> bool:
@@ -233,8 +234,11 @@ class Mixer:
         ``v`` is then replaced by the estimate ``hat_i`` its neighbours hold (and counted in
         :attr:`nonfinite`)."""
         if self.fused and v.dtype == torch.float32:
-            return self._start_fused(v if inplace else v.clone(), names, lengths, step, seed)
-        return self._start(v, names, lengths, step, seed)
+            rnd = self._start_fused(v if inplace else v.clone(), names, lengths, step, seed)
+        else:
+            rnd = self._start(v, names, lengths, step, seed)
+        rnd.mixer = self
+        return rnd
 
     def _start_fused(self, v, names, lengths, step, seed) -> _Round:
         ex = self.exchange
@@ -302,15 +306,18 @@ class Mixer:
         received = {j: state["received"][j].to(v.device) for j, _ in weights}
         inflight = Inflight([], received, weights, None)
         if self.fused and v.dtype == torch.float32:
-            return _Round(inflight, v if inplace else v.clone(), tuple(self.store.get(names, lengths, v)), None,
-                          list(lengths))
-        if self.exact:
-            return _Round(inflight, v, None, self.compressor.context(v, segments=list(lengths)))
-        vw = v.to(wide(v.dtype))
-        flats = tuple(self.store.get(names, lengths, vw))
-        ctx = self.compressor.context(vw.numel(), torch.float32 if vw.dtype == torch.float64 else vw.dtype,
-                                      segments=list(lengths))
-        return _Round(inflight, vw, flats, ctx)
+            rnd = _Round(inflight, v if inplace else v.clone(), tuple(self.store.get(names, lengths, v)), None,
+                         list(lengths))
+        elif self.exact:
+            rnd = _Round(inflight, v, None, self.compressor.context(v, segments=list(lengths)))
+        else:
+            vw = v.to(wide(v.dtype))
+            flats = tuple(self.store.get(names, lengths, vw))
+            ctx = self.compressor.context(vw.numel(), torch.float32 if vw.dtype == torch.float64 else vw.dtype,
+                                          segments=list(lengths))
+            rnd = _Round(inflight, vw, flats, ctx)
+        rnd.mixer = self
+        return rnd
 
     def finish(self, rnd: _Round, step: int) -> torch.Tensor:
         """Wait for the neighbours' messages and return the mixed value (a new tensor; float32 or

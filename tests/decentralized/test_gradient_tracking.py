@@ -311,6 +311,53 @@ def test_state_dict_round_trip_resumes_bit_exactly(tmp_path, compressor, x_mixin
     spawn(run_state_dict, 3, tmp_path, compressor, x_mixing)
 
 
+# -- exact_mixing(): the end of a compressed run mixes exactly, and the prox's zeros come back
+
+def run_exact_mixing(rank, world, x_mixing):
+    def train(model, gt, steps):
+        for _ in range(steps):
+            gt.zero_grad()
+            _local_grad(rank, world, model)
+            gt.step()
+
+    model = _Lin(torch.float64)
+    gt = GradientTracking(model, 0.05, topology="ring", compressor="ternary", prox=L1(1.0), seed=4,
+                          x_mixing=x_mixing)
+    train(model, gt, 150)
+    gt.exact_mixing()
+    gt.exact_mixing()  # idempotent
+    if x_mixing == "before":  # the compressed model round in flight cannot be checkpointed
+        with pytest.raises(RuntimeError, match="after the next step"):
+            gt.state_dict()
+        train(model, gt, 1)
+    saved_model, saved = {k: v.clone() for k, v in model.state_dict().items()}, gt.state_dict()
+    before = gt.metrics["bytes_sent"]
+    train(model, gt, 300)
+    ref = _centralized(world, 2000, 0.05, 1.0)
+    zeros = ref == 0
+    assert zeros.sum() == 2
+    assert (_params(model)[zeros] == 0).all(), _params(model)  # exact zeros on every rank
+    assert torch.allclose(_params(model), ref, atol=1e-6), (_params(model), ref)
+    assert gt.measure()["tracking_residual"] < 1e-9
+    fan_out = len(gt.topology.out_neighbours(rank))
+    assert gt.metrics["bytes_sent"] - before == 300 * 2 * fan_out * (D + 2) * 8  # float64 x and y, exact
+    # a checkpoint taken after the switch resumes with exact mixing, bit-exactly
+    model2 = _Lin(torch.float64)
+    gt2 = GradientTracking(model2, 0.05, topology="ring", compressor="ternary", prox=L1(1.0), seed=4,
+                           sync_init=False, x_mixing=x_mixing)
+    model2.load_state_dict(saved_model)
+    gt2.load_state_dict(saved)
+    train(model2, gt2, 300)
+    torch.testing.assert_close(_params(model2), _params(model), rtol=0, atol=0)
+    gt.close()
+    gt2.close()
+
+
+@pytest.mark.parametrize("x_mixing", ["after", "before"])
+def test_exact_mixing_tail_restores_exact_zeros(tmp_path, x_mixing):
+    spawn(run_exact_mixing, 4, tmp_path, x_mixing)
+
+
 # -- bad topologies, non-finite gradients
 
 def run_bad_topology(rank, world):
