@@ -140,9 +140,10 @@ def torch_hook(ddp, hook: str, rank: str):
 
 
 def decentralized_worker(args, model, world) -> None:
-    """``gt/<compressor>``: DProxSGT (``identity``) or CDProxSGT on a ring, no DDP: two rounds of
-    one message per neighbour per step (``ternary`` = contractive, base-3 packed;
-    ``ternary-2bit`` = contractive, the native 2-bit packing; ``topk:0.02``)."""
+    """``gt/<compressor>[@before]``: DProxSGT (``identity``) or CDProxSGT on a ring, no DDP: two
+    rounds of one message per neighbour per step (``ternary`` = contractive, base-3 packed;
+    ``ternary-2bit`` = contractive, the native 2-bit packing; ``topk:0.02``); ``@before``:
+    ``x_mixing="before"``, the model round travels during the next forward and backward."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -152,15 +153,16 @@ def decentralized_worker(args, model, world) -> None:
     from commcomp.codecs import Ternary
     from commcomp.decentralized import GradientTracking
 
-    spec = args.collective or "identity"
+    spec, _, x_mixing = (args.collective or "identity").partition("@")
     comp = Ternary(contractive=True) if spec == "ternary-2bit" else spec
-    gt = GradientTracking(model, 0.01, topology="ring", compressor=comp)
+    gt = GradientTracking(model, 0.01, topology="ring", compressor=comp, x_mixing=x_mixing or "after")
     times = train_steps(model, lambda x, y: F.cross_entropy(model(x), y).backward(), args.warmup, args.steps, opt=gt)
     n = sum(p.numel() for p in model.parameters())
     result = {"hook": "gt", "collective": spec, "world": world, "params": n,
               "step_s": sorted(times)[len(times) // 2],
               "bytes_per_step": gt.metrics["bytes_sent"] / (args.warmup + args.steps),
               "fp32_bytes_per_step": baseline_bytes(model, "none", world), "codec_ms": 0.0}
+    gt.close()  # (a model round of x_mixing="before" is in flight)
     if dist.get_rank() == 0:
         with open(args.result, "w") as f:
             json.dump(result, f)

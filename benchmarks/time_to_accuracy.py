@@ -180,8 +180,10 @@ def parse_hook(spec: str):
     'dproxsgt'); raises ValueError on unknown names."""
     hook, _, collective = spec.partition("/")
     if hook == "gt":
-        if collective not in gt_methods():
-            raise ValueError(f"{spec}: the decentralized methods are gt/{', gt/'.join(gt_methods())}")
+        method, _, mode = collective.partition("@")
+        if method not in gt_methods() or mode not in ("", "before"):
+            raise ValueError(f"{spec}: the decentralized methods are gt/{', gt/'.join(gt_methods())}, "
+                             "each optionally with @before (x_mixing='before')")
         return hook, collective
     if hook == "terngrad":
         collective = collective or "auto"
@@ -321,12 +323,14 @@ def worker(args) -> None:
     if args.hook == "gt":  # decentralized: GradientTracking on a ring replaces DDP and the optimizer
         from commcomp.decentralized import GradientTracking
 
-        spec = gt_methods()[args.collective]
+        method, _, mode = args.collective.partition("@")
+        spec = gt_methods()[method]
         comp = f"topk:{TOPK_RATIO}" if spec["compressor"] == "topk" else spec["compressor"]
         descent = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum) if args.momentum
                    else args.lr)
         gt = state = GradientTracking(model, descent, topology="ring", compressor=comp, tracking=spec["tracking"],
-                                      prox=prox, prox_params=weights_only if prox else None, seed=args.seed)
+                                      prox=prox, prox_params=weights_only if prox else None, seed=args.seed,
+                                      x_mixing=mode or "after")
         net, opt = model, gt
         if rank == 0:
             print(repr(gt), flush=True)

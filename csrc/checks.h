@@ -50,14 +50,16 @@ inline std::vector<int64_t> segment_offsets(at::OptionalIntArrayRef segments, in
 }
 
 inline void check_scales(const at::Tensor& scales, int64_t rows, int64_t nseg,
-                         const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "commcomp: scales must be float32, got ",
+                         const at::Tensor& like, const char* like_name,
+                         const char* name = "scales") {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "commcomp: ", name, " must be float32, got ",
               scales.scalar_type());
-  TORCH_CHECK(scales.is_contiguous(), "commcomp: scales must be contiguous; pass scales.contiguous()");
-  TORCH_CHECK(scales.numel() == rows * nseg, "commcomp: scales has ", scales.numel(),
+  TORCH_CHECK(scales.is_contiguous(), "commcomp: ", name, " must be contiguous; pass ", name,
+              ".contiguous()");
+  TORCH_CHECK(scales.numel() == rows * nseg, "commcomp: ", name, " has ", scales.numel(),
               " elements but ", rows * nseg, " are needed (", rows, " row(s) x ", nseg,
               " segment(s))");
-  check_same_device(scales, "scales", like, like_name);
+  check_same_device(scales, name, like, like_name);
 }
 
 inline void check_seed_offset(int64_t seed, int64_t offset) {
@@ -112,6 +114,95 @@ inline std::vector<int64_t> check_unpack_accumulate_args(const at::Tensor& packe
   auto off = segment_offsets(segments, out.numel());
   check_scales(scales, packed.size(0), static_cast<int64_t>(off.size()) - 1, out, "out");
   return off;
+}
+
+// Base-3 payloads (csrc/base3.h): five codes per byte.
+inline int64_t base3_bytes(int64_t n) { return (n + 4) / 5; }
+
+inline std::vector<int64_t> check_unpack_base3_args(const at::Tensor& packed, int64_t numel,
+                                                    const at::Tensor& scales,
+                                                    at::OptionalIntArrayRef segments,
+                                                    at::ScalarType dtype) {
+  TORCH_CHECK(numel >= 0, "commcomp: numel must be >= 0, got ", numel);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "commcomp: dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "commcomp: packed must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.is_contiguous(),
+              "commcomp: packed must be contiguous; pass packed.contiguous()");
+  TORCH_CHECK(packed.numel() == base3_bytes(numel), "commcomp: packed has ", packed.numel(),
+              " bytes but numel=", numel, " needs ", base3_bytes(numel), " (ceil(numel / 5))");
+  auto off = segment_offsets(segments, numel);
+  check_scales(scales, 1, static_cast<int64_t>(off.size()) - 1, packed, "packed");
+  return off;
+}
+
+// The flat float32 state of the mixing ops (v, hat, acc; y, g, g_prev): contiguous, as many
+// elements as the first one (`v_name`), on its device.
+inline void check_state(const at::Tensor& v, const char* v_name, const at::Tensor& t,
+                        const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "commcomp: ", name, " must be a float32 tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "commcomp: ", name, " must be contiguous; pass ", name,
+              ".contiguous()");
+  TORCH_CHECK(t.numel() == v.numel() && t.device() == v.device(), "commcomp: ", name, " has ",
+              t.numel(), " elements on ", t.device(), " but ", v_name, " has ", v.numel(),
+              " on ", v.device(), "; the mixing state must match ", v_name);
+}
+
+inline std::vector<int64_t> check_mix_stats_args(const at::Tensor& v, const at::Tensor& hat,
+                                                 at::OptionalIntArrayRef segments) {
+  check_state(v, "v", v, "v");
+  check_state(v, "v", hat, "hat");
+  return segment_offsets(segments, v.numel());
+}
+
+inline std::vector<int64_t> check_mix_encode_args(
+    const at::Tensor& v, const at::Tensor& hat, const at::Tensor& acc, const at::Tensor& scales,
+    const at::Tensor& hat_scales, const at::Tensor& acc_scales, at::OptionalIntArrayRef segments,
+    int64_t seed, int64_t offset) {
+  check_state(v, "v", v, "v");
+  check_state(v, "v", hat, "hat");
+  check_state(v, "v", acc, "acc");
+  check_seed_offset(seed, offset);
+  auto off = segment_offsets(segments, v.numel());
+  const int64_t nseg = static_cast<int64_t>(off.size()) - 1;
+  check_scales(scales, 1, nseg, v, "v", "scales");
+  check_scales(hat_scales, 1, nseg, v, "v", "hat_scales");
+  check_scales(acc_scales, 1, nseg, v, "v", "acc_scales");
+  return off;
+}
+
+inline std::vector<int64_t> check_mix_decode_args(const at::Tensor& v, const at::Tensor& hat,
+                                                  const at::Tensor& acc, at::TensorList packed,
+                                                  const at::Tensor& scales,
+                                                  at::OptionalIntArrayRef segments, bool base3) {
+  check_state(v, "v", v, "v");
+  check_state(v, "v", hat, "hat");
+  check_state(v, "v", acc, "acc");
+  const int64_t n = v.numel();
+  const int64_t nbytes = base3 ? base3_bytes(n) : packed_bytes(n);
+  for (size_t k = 0; k < packed.size(); ++k) {
+    const at::Tensor& p = packed[k];
+    TORCH_CHECK(p.scalar_type() == at::kByte, "commcomp: packed[", k, "] must be uint8, got ",
+                p.scalar_type());
+    TORCH_CHECK(p.is_contiguous(), "commcomp: packed[", k, "] must be contiguous; pass packed[",
+                k, "].contiguous()");
+    TORCH_CHECK(p.numel() == nbytes && p.device() == v.device(), "commcomp: packed[", k,
+                "] has ", p.numel(), " bytes on ", p.device(), "; ", n, " elements need ",
+                nbytes, " on ", v.device());
+  }
+  auto off = segment_offsets(segments, n);
+  check_scales(scales, static_cast<int64_t>(packed.size()), static_cast<int64_t>(off.size()) - 1,
+               v, "v", "scales");
+  return off;
+}
+
+inline void check_track_prep_args(const at::Tensor& y, const at::Tensor& g,
+                                  const at::Tensor& g_prev) {
+  check_state(y, "y", y, "y");
+  check_state(y, "y", g, "g");
+  check_state(y, "y", g_prev, "g_prev");
 }
 
 // The sketch ops (csrc/sketch.h). Messages match commcomp/ops/_checks.py word for word.

@@ -95,6 +95,14 @@ TORCH_LIBRARY(commcomp, m) {
   m.def("unpack(Tensor packed, int numel, Tensor scales, int[]? segments, ScalarType dtype) -> Tensor");
   m.def("unpack_accumulate(Tensor packed, Tensor scales, int[]? segments, Tensor(a!) out) -> ()");
   m.def("segment_stats(Tensor x, int[]? segments) -> (Tensor, Tensor)");
+  m.def("ternarize_base3(Tensor x, Tensor scales, int[]? segments, int seed, int offset) -> Tensor");
+  m.def("unpack_base3(Tensor packed, int numel, Tensor scales, int[]? segments, ScalarType dtype) -> Tensor");
+  m.def("mix_stats(Tensor v, Tensor hat, int[]? segments) -> Tensor");
+  m.def("mix_encode(Tensor(a!) v, Tensor(b!) hat, Tensor(c!) acc, Tensor scales, Tensor hat_scales, "
+        "Tensor acc_scales, int[]? segments, int seed, int offset, bool base3) -> Tensor");
+  m.def("mix_decode(Tensor(a!) v, Tensor hat, Tensor(b!) acc, Tensor[] packed, Tensor scales, "
+        "int[]? segments, float gamma, bool base3) -> ()");
+  m.def("track_prep(Tensor(a!) y, Tensor g, Tensor(b!) g_prev) -> Tensor");
   m.def("countsketch(Tensor x, int sketch_size, int seed) -> Tensor");
   m.def("countsketch_transpose(Tensor y, int numel, int seed) -> Tensor");
   m.def("srht(Tensor x, int sketch_size, int block, int seed) -> Tensor");

@@ -291,10 +291,12 @@ def mix_decode(v: torch.Tensor, hat: torch.Tensor, acc: torch.Tensor, packed: Se
     segs = _checks.segments(segments, v.numel())
     packed = [p.reshape(-1) for p in packed]
     _checks._raw_mix_decode(v, hat, acc, packed, scales, segs, gamma, base3)
-    s = _checks.scales(scales, len(packed), 1 if segs is None else len(segs), v.device, "scales")
+    nseg = 1 if segs is None else len(segs)
+    s = _checks.scales(scales, len(packed), nseg, v.device, "scales")
     gamma = float(gamma)
+    # [W, S] spelled out: with no payloads (W = 0) a -1 would be ambiguous
     torch.ops.commcomp.mix_decode(v.detach().reshape(-1), hat.reshape(-1), acc.reshape(-1), packed,
-                                  s.reshape(len(packed), -1), segs, gamma, bool(base3))
+                                  s.reshape(len(packed), nseg), segs, gamma, bool(base3))
     return v
 
 

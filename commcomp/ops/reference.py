@@ -230,6 +230,8 @@ def mix_decode(v, hat, acc, packed, scales, segments, gamma, base3) -> None:
     added), then ``v += gamma * (acc - hat)`` (rounded as ``v + round(gamma * round(acc - hat))``)."""
     n = v.numel()
     t = torch.zeros(n, dtype=torch.float32, device=v.device)
+    if packed:
+        scales = scales.reshape(len(packed), -1)  # [W, S], or flat as the native kernels take it
     for w, payload in enumerate(packed):
         codes = unpack_base3_codes(payload, n) if base3 else unpack_codes(payload, n)
         t = t + codes.float() * per_element(scales[w].float(), segments, n)
