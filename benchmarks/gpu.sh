@@ -7,6 +7,7 @@
 #     bash benchmarks/gpu.sh              # build, the CUDA tests, the benchmarks
 #     GPU_TESTS=all bash benchmarks/gpu.sh  # the whole suite instead of the CUDA tests
 #     GPU_BENCH=0 bash benchmarks/gpu.sh    # no benchmarks
+#     GPU_K=cuda bash benchmarks/gpu.sh     # only the tests whose id mentions cuda (pytest -k)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
@@ -35,10 +36,10 @@ set +e
 if [ "${GPU_TESTS:-cuda}" = all ]; then
   targets=(tests)
 else  # the tests with a CUDA path: kernels, codecs, the CLI's report, hooks on CUDA tensors
-  targets=(tests/ops tests/codecs tests/test_cli_info.py tests/test_cuda_hooks.py)
+  targets=(tests/ops tests/codecs tests/collectives tests/test_cli_info.py tests/test_cuda_hooks.py)
 fi
 t0=$SECONDS
-COMMCOMP_REQUIRE_NATIVE=1 "$py" -m pytest -q -p no:cacheprovider -rs "${targets[@]}" 2>&1 | tee "$out/tests.log"
+COMMCOMP_REQUIRE_NATIVE=1 "$py" -m pytest -q -p no:cacheprovider -rs ${GPU_K:+-k "$GPU_K"} "${targets[@]}" 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 set -e
 echo "[gpu] tests took $((SECONDS - t0)) s"
