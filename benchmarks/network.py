@@ -158,7 +158,7 @@ def decentralized_worker(args, model, world) -> None:
     gt = GradientTracking(model, 0.01, topology="ring", compressor=comp, x_mixing=x_mixing or "after")
     times = train_steps(model, lambda x, y: F.cross_entropy(model(x), y).backward(), args.warmup, args.steps, opt=gt)
     n = sum(p.numel() for p in model.parameters())
-    result = {"hook": "gt", "collective": spec, "world": world, "params": n,
+    result = {"hook": "gt", "collective": args.collective or "identity", "world": world, "params": n,
               "step_s": sorted(times)[len(times) // 2],
               "bytes_per_step": gt.metrics["bytes_sent"] / (args.warmup + args.steps),
               "fp32_bytes_per_step": baseline_bytes(model, "none", world), "codec_ms": 0.0}
