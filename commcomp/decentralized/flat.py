@@ -10,9 +10,11 @@ the algorithm needs are there for free, as with DDP's ``gradient_as_bucket_view`
 
 The views survive ``model.load_state_dict`` and in-place updates. When something replaces a
 tensor behind our back (``optimizer.zero_grad()`` sets ``.grad`` to ``None`` and autograd then
-allocates a fresh one; ``p.data = ...``; ``model.to(...)``), :meth:`params` / :meth:`grads`
-notice it (a pointer comparison per parameter), copy the new values into the buffer and
-re-attach the views; correct, at the price of one copy that step. :meth:`zero_grad` zeroes
+allocates a fresh one; ``p.data = ...``), :meth:`params` / :meth:`grads` notice it (an
+address comparison per parameter), copy the new values into the buffer and re-attach the
+views; correct, at the price of one copy that step. A parameter whose dtype, device or shape
+changed (``model.double()``, ``model.to("cuda")`` after construction) is an error: convert and
+move the model before building the wrapper. :meth:`zero_grad` zeroes
 the gradient buffer in place, which keeps the views (``set_to_none`` is not honoured: a fresh
 45 MB gradient costs page faults on every step).
 
@@ -63,6 +65,10 @@ class FlatParameters:
         self.g = torch.zeros(total, dtype=first.dtype, device=first.device)
         self._x_views = self._views(self.x)
         self._g_views = self._views(self.g)
+        # addresses of the views, compared by value: `param.grad.data = t` (Module._apply, e.g.
+        # model.double()) re-points our own view objects, so comparing with them proves nothing
+        self._x_ptrs = [v.data_ptr() for v in self._x_views]
+        self._g_ptrs = [v.data_ptr() for v in self._g_views]
         with torch.no_grad():
             for p, xv in zip(self.params_list, self._x_views):
                 xv.copy_(p.detach())
@@ -82,29 +88,39 @@ class FlatParameters:
 
     def params(self) -> torch.Tensor:
         """The flat parameters (re-attached first if a parameter's storage was replaced)."""
-        for p, xv in zip(self.params_list, self._x_views):
-            if p.data.data_ptr() != xv.data_ptr() or p.data.shape != xv.shape:
-                self._readopt(p, xv, grad=False)
+        for k, p in enumerate(self.params_list):
+            if p.data.data_ptr() != self._x_ptrs[k] or p.dtype != self.x.dtype or p.data.shape != self._x_views[k].shape:
+                self._readopt(k, grad=False)
         return self.x
 
     def grads(self) -> torch.Tensor:
         """The flat gradients; a parameter without ``.grad`` contributes zeros."""
-        for p, gv in zip(self.params_list, self._g_views):
+        for k, p in enumerate(self.params_list):
             grad = p.grad
             if grad is None:
-                gv.zero_()
-                p.grad = gv
-            elif grad.data_ptr() != gv.data_ptr() or grad.shape != gv.shape:
-                self._readopt(p, gv, grad=True)
+                self._fresh_view(k, grad=True).zero_()
+                p.grad = self._g_views[k]
+            elif grad.data_ptr() != self._g_ptrs[k] or grad.dtype != self.g.dtype or grad.shape != self._g_views[k].shape:
+                self._readopt(k, grad=True)
         return self.g
 
-    def _readopt(self, p, view, grad: bool) -> None:
+    def _fresh_view(self, k: int, grad: bool) -> torch.Tensor:
+        """Parameter k's view of the flat buffer, made anew (the old view object may have been
+        re-pointed elsewhere by ``.data = ...``)."""
+        flat, views = (self.g, self._g_views) if grad else (self.x, self._x_views)
+        start = sum(self.lengths[:k])
+        views[k] = flat[start:start + self.lengths[k]].view(views[k].shape)
+        return views[k]
+
+    def _readopt(self, k: int, grad: bool) -> None:
+        p = self.params_list[k]
         src = p.grad if grad else p.data
-        if src.shape != view.shape or src.device != view.device:
+        view = self._fresh_view(k, grad)
+        if src.shape != view.shape or src.device != view.device or src.dtype != view.dtype:
             raise RuntimeError(
-                f"commcomp: a parameter changed shape or device ({tuple(view.shape)} on {view.device} -> "
-                f"{tuple(src.shape)} on {src.device}) after GradientTracking was built around the model; "
-                "build the model fully (and move it) first")
+                f"commcomp: a parameter changed shape, dtype or device ({tuple(view.shape)} {view.dtype} on "
+                f"{view.device} -> {tuple(src.shape)} {src.dtype} on {src.device}) after GradientTracking was "
+                "built around the model; build the model fully (convert and move it) first")
         with torch.no_grad():
             view.copy_(src.detach())
         if grad:
@@ -127,8 +143,8 @@ class FlatParameters:
         try:
             yield
         finally:
-            for p, gv in zip(self.params_list, self._g_views):
-                p.grad = gv
+            for k, p in enumerate(self.params_list):
+                p.grad = self._fresh_view(k, grad=True)
 
 
 __all__ = ["FlatParameters", "eligible"]

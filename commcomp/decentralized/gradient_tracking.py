@@ -300,6 +300,9 @@ class GradientTracking(Configurable):
             with torch.enable_grad():
                 loss = closure()
         t = self.step_count
+        if getattr(self, "_closed", False):
+            raise RuntimeError("commcomp: this GradientTracking was closed (its last model round was dropped); "
+                               "create a new one, or load a checkpoint into a new one, to train on")
         if self.hook_state is not None and self.hook_state.step != t + 1:
             raise RuntimeError(
                 f"commcomp: GradientTracking.step() is at step {t} but the DDP hook has run "
@@ -320,7 +323,12 @@ class GradientTracking(Configurable):
         parameters' ``.grad`` (which then hold ``y``)."""
         if self.optimizer is not None:
             if y is not None:
-                with self.flat.grads_as(y if y.dtype == self.flat.x.dtype else y.to(self.flat.x.dtype)):
+                # a copy: optimizers may change .grad in place (nesterov momentum's foreach path,
+                # hooks that clip), which must not touch the tracker's y
+                if getattr(self, "_y_grad", None) is None:
+                    self._y_grad = torch.empty_like(self.flat.x)
+                self._y_grad.copy_(y)
+                with self.flat.grads_as(self._y_grad):
                     self.optimizer.step()
             else:
                 self.optimizer.step()
@@ -475,7 +483,8 @@ class GradientTracking(Configurable):
         ``(1/n) sum_i ||y_i - mean y||^2``, tracking residual ``||mean y - mean g||`` (0 up to
         rounding: the invariant), ``||mean x||^2`` for scale, and with a prox the fraction of
         exact zeros this rank's last proximal step left (``prox_sparsity``), and how many steps
-        had a non-finite model entry replaced by its previous value. Two all-reduces (the float64
+        had a non-finite model entry replaced (by its previous value; on the fused ternary path
+        by the estimate ``hat_i`` its neighbours hold). Two all-reduces (the float64
         means of x, y and g, 24 bytes per parameter; then the spreads, so small errors do not
         cancel); every rank must call it at the same step. Results also go to ``metrics``."""
         x = self._flat_params().to(torch.float64)
@@ -532,6 +541,9 @@ class GradientTracking(Configurable):
         GradientTracking checkpoint or was made with other options."""
         if state.get("algorithm") != "gradient_tracking":
             raise ValueError(f"commcomp: not a GradientTracking checkpoint (algorithm={state.get('algorithm')!r})")
+        if state.get("exact_since") is None and self._exact_since is not None:
+            raise ValueError("commcomp: this GradientTracking already mixes exactly (exact_mixing() was called) but "
+                             "the checkpoint was taken before the switch; load it into a fresh GradientTracking")
         saved = dict(state.get("options", {}))
         saved.setdefault("x_mixing", "after")  # checkpoints from before the option mixed x after the prox
         self._check_saved_options(saved)
@@ -566,6 +578,7 @@ class GradientTracking(Configurable):
         if self._pending_x is not None:
             self._pending_x.inflight.wait()
             self._pending_x = None
+        self._closed = True
         return self.hook_state.close(timeout) if self.hook_state is not None else True
 
     def __repr__(self) -> str:

@@ -95,9 +95,12 @@ _autograd.register()
 
 
 def backend(device="cpu") -> str:
-    """``"native"`` if compiled kernels serve tensors on ``device``, else ``"reference"``."""
+    """``"native"`` if compiled kernels serve tensors on ``device``, ``"reference"`` if none do,
+    ``"mixed"`` if a stale compiled extension lacks some ops (their reference twins serve them;
+    rebuild it)."""
     dev = torch.device(device)
-    return _loader.BACKENDS.get(dev.type.upper(), "reference")
+    kind = _loader.BACKENDS.get(dev.type.upper(), "reference")
+    return "mixed" if kind == "native" and _loader.MISSING else kind
 
 
 def _ternarize(op, x, scale, seed, offset, segments, validate):

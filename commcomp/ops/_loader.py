@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 _libraries = []  # torch.library.Library objects must stay alive for their registrations
 BACKENDS: Dict[str, str] = {}  # dispatch key ("CPU", "CUDA") -> "native" | "reference"
 LOAD_ERROR: str = ""
+MISSING: list = []  # ops a stale compiled extension lacks (served by their reference twins)
 
 
 def _import_native():
@@ -140,6 +141,7 @@ def load() -> Dict[str, str]:
     BACKENDS["CPU"] = "native" if native is not None else "reference"
     BACKENDS["CUDA"] = "native" if native is not None and native.with_cuda else "reference"
     missing = _missing_ops() if native is not None else []
+    MISSING.extend(missing)
     impl = torch.library.Library("commcomp", "IMPL")
     for key, kind in BACKENDS.items():
         for name in SCHEMAS:

@@ -358,6 +358,46 @@ def test_exact_mixing_tail_restores_exact_zeros(tmp_path, x_mixing):
     spawn(run_exact_mixing, 4, tmp_path, x_mixing)
 
 
+# -- the flat buffers under what users do: optimizers that edit .grad, set_to_none, non-finite values
+
+def run_flat_surface(rank, world):
+    model = _Lin(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True, foreach=True)
+    gt = GradientTracking(model, opt, topology="ring", compressor="ternary", seed=9)
+    assert gt.flat is not None and gt.mixer_x.fused
+    for t in range(12):
+        opt.zero_grad()  # set_to_none: the next backward allocates fresh grads, copied back by step()
+        model.loss(_matrices(world)[rank].float(), _targets(world)[rank].float()).backward()
+        if rank == 1 and t == 4:
+            model.w.grad[2] = math.nan  # a non-finite gradient: the previous one is used, nobody is poisoned
+        if rank == 0 and t == 7:
+            with torch.no_grad():
+                model.w[0] = math.inf  # a non-finite model entry: it takes the estimate the neighbours hold
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        if rank == 1 and t == 4:
+            g = gt.tracker.store.get(gt._names, gt._lengths, gt.flat.g)[1].double().clone()  # g_prev is used
+        gt.step()
+        assert torch.isfinite(_params(model)).all(), t
+        both = torch.cat([gt.tracked().double(), g])
+        dist.all_reduce(both)
+        # nesterov's foreach step adds momentum into .grad in place: y must not see it
+        torch.testing.assert_close(both[:D + 2], both[D + 2:], rtol=1e-5, atol=1e-4 * (1 + float(both.abs().max())),
+                                   msg=lambda m: f"step {t}: mean y != mean g: {m}")
+    assert gt.flat.readopted > 0
+    assert gt.metrics["nonfinite_steps"] == (1 if rank == 1 else 0)
+    assert gt.measure()["nonfinite_model_steps"] == (1 if rank == 0 else 0)
+    model.double()  # converting after construction is refused, not silently undone
+    with pytest.raises(RuntimeError, match="changed shape, dtype or device"):
+        gt.step()
+    gt.close()
+    with pytest.raises(RuntimeError, match="was closed"):
+        gt.step()
+
+
+def test_flat_buffers_survive_optimizers_set_to_none_and_nonfinite_values(tmp_path):
+    spawn(run_flat_surface, 3, tmp_path)
+
+
 # -- bad topologies, non-finite gradients
 
 def run_bad_topology(rank, world):
