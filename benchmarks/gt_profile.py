@@ -110,14 +110,25 @@ def _worker(rank, world, init, method, warmup, steps, out):
     dist.destroy_process_group()
 
 
-def run(method, world, warmup, steps) -> dict:
+def run(method, world, warmup, steps, tries: int = 3) -> dict:
+    """One method's record; retried, because torch.profiler's kineto sometimes crashes on this
+    machine at the end of a profile (SIGSEGV in libkineto::MemoryTraceLogger's destructor, seen
+    2026-12-04 with torch 2.13; the same steps without the profiler, and the kernels under glibc's
+    malloc checker, run clean)."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rec.json")
-        mp.spawn(_worker, args=(world, f"file://{tmp}/rdzv", method, warmup, steps, out), nprocs=world)
-        with open(out) as f:
-            return json.load(f)
+    for attempt in range(tries):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rec.json")
+            try:
+                mp.spawn(_worker, args=(world, f"file://{tmp}/rdzv", method, warmup, steps, out), nprocs=world)
+            except mp.ProcessExitedException as exc:
+                if attempt == tries - 1:
+                    raise
+                print(f"{method}: {exc}; again", flush=True)
+                continue
+            with open(out) as f:
+                return json.load(f)
 
 
 def summarize(rec: dict) -> dict:
