@@ -34,14 +34,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 for _d in (os.path.join(os.path.dirname(HERE), "examples"),):  # the examples' data, model and split
     if os.path.exists(os.path.join(_d, "_mnist.py")):
         sys.path.insert(0, _d)
 from _mnist import CNN, accuracy, mnist  # noqa: E402
-from train_decentralized import METHODS, split_non_iid, weights_only  # noqa: E402
+from train_decentralized import METHODS, split_non_iid, train_step, weights_only  # noqa: E402
 
 from commcomp.decentralized import L1, GradientTracking, sparsity  # noqa: E402
 from commcomp.decentralized.mixing import Mixer, make_mixing_compressor, wide  # noqa: E402
@@ -270,7 +269,7 @@ def run(rank, world, args, init_file, result_file):
             net, gt = DDP(model), None
             opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         else:
-            net = model
+            net, opt = model, None
             gt = SparseGT(model, args.lr, topology="ring", compressor=spec["compressor"], tracking=spec["tracking"],
                           prox=prox, prox_params=weights_only, seed=args.seed, remedy=args.remedy, k=args.k,
                           tail=args.tail, total_steps=args.steps, stats_from=args.stats_from)
@@ -280,20 +279,7 @@ def run(rank, world, args, init_file, result_file):
         curve, t0 = [], time.perf_counter()
         for step in range(1, args.steps + 1):
             batch = torch.randint(len(xs), (args.batch,), generator=gen)
-            loss = F.cross_entropy(net(xs[batch]), ys[batch])
-            if gt is None:
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if prox is not None:
-                    with torch.no_grad():
-                        for name, p in model.named_parameters():
-                            if weights_only(name):
-                                prox.apply_(p, args.lr)
-            else:
-                gt.zero_grad()
-                loss.backward()
-                gt.step()
+            train_step(net, model, gt, opt, prox, xs[batch], ys[batch], args.lr)
             if step % args.eval_every == 0 or step == args.steps:
                 if gt is None:
                     acc = accuracy(model, test)

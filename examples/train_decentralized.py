@@ -75,6 +75,25 @@ def weights_only(name: str) -> bool:
     return name.endswith("weight")
 
 
+def train_step(net, model, gt, opt, prox, x, y, lr):
+    """One step: DDP + SGD + the prox on the weights (``gt`` None), or a GradientTracking step."""
+    loss = F.cross_entropy(net(x), y)
+    if gt is None:
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if prox is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if weights_only(name):
+                        prox.apply_(p, lr)
+    else:
+        gt.zero_grad()
+        loss.backward()
+        gt.step()
+    return loss
+
+
 def run(rank, world, method, args, init_file, result_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -93,7 +112,7 @@ def run(rank, world, method, args, init_file, result_file):
             opt = torch.optim.SGD(model.parameters(), lr=args.lr)
             gt = None
         else:
-            net = model
+            net, opt = model, None
             comp = spec["compressor"]
             if comp == "topk":
                 comp = f"topk:{args.topk_ratio}"
@@ -112,20 +131,7 @@ def run(rank, world, method, args, init_file, result_file):
                 gt.exact_mixing()  # the last --exact-tail steps: exact x and y messages (DProxSGT)
             batch = torch.randint(len(xs), (args.batch,), generator=gen)
             c0 = time.perf_counter()
-            loss = F.cross_entropy(net(xs[batch]), ys[batch])
-            if gt is None:
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if prox is not None:
-                    with torch.no_grad():
-                        for name, p in model.named_parameters():
-                            if weights_only(name):
-                                prox.apply_(p, args.lr)
-            else:
-                gt.zero_grad()
-                loss.backward()
-                gt.step()
+            loss = train_step(net, model, gt, opt, prox, xs[batch], ys[batch], args.lr)
             compute += time.perf_counter() - c0
             if step % args.eval_every == 0 or step == args.steps:
                 if gt is None:

@@ -153,12 +153,17 @@ def unpack(
     validate: bool = True,
 ) -> torch.Tensor:
     """Decode a payload of :func:`ternarize_pack` into ``scale * code`` of ``dtype``."""
+    return _unpack(torch.ops.commcomp.unpack, packed, numel, scale, dtype, segments, validate, 4)
+
+
+def _unpack(op, packed, numel, scale, dtype, segments, validate, per_byte):
     _checks.packed_tensor(packed)
     numel = _checks.integer(numel, "numel")
-    if packed.numel() != (numel + 3) // 4:
+    need = (numel + per_byte - 1) // per_byte
+    if packed.numel() != need:
         raise ValueError(
             f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs "
-            f"{(numel + 3) // 4} (ceil(numel / 4)); pass the numel that was packed"
+            f"{need} (ceil(numel / {per_byte})); pass the numel that was packed"
         )
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -166,7 +171,7 @@ def unpack(
     s = _checks.scales(scale, 1, 1 if segs is None else len(segs), packed.device)
     if validate:
         _checks.raise_on_values(s)
-    return torch.ops.commcomp.unpack(packed.reshape(-1), numel, s, segs, dtype)
+    return op(packed.reshape(-1), numel, s, segs, dtype)
 
 
 def unpack_accumulate(
@@ -235,20 +240,7 @@ def ternarize_base3(x: torch.Tensor, scale, seed: int, offset: int = 0, *,
 def unpack_base3(packed: torch.Tensor, numel: int, scale, dtype: torch.dtype = torch.float32, *,
                  segments: Optional[Sequence[int]] = None, validate: bool = True) -> torch.Tensor:
     """Decode a payload of :func:`ternarize_base3` into ``scale * code`` of ``dtype``."""
-    _checks.packed_tensor(packed)
-    numel = _checks.integer(numel, "numel")
-    if packed.numel() != _checks.base3_nbytes(numel):
-        raise ValueError(
-            f"commcomp: packed has {packed.numel()} bytes but numel={numel} needs "
-            f"{_checks.base3_nbytes(numel)} (ceil(numel / 5)); pass the numel that was packed"
-        )
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"commcomp: dtype must be float32, float16 or bfloat16, got {dtype}")
-    segs = _checks.segments(segments, numel)
-    s = _checks.scales(scale, 1, 1 if segs is None else len(segs), packed.device)
-    if validate:
-        _checks.raise_on_values(s)
-    return torch.ops.commcomp.unpack_base3(packed.reshape(-1), numel, s, segs, dtype)
+    return _unpack(torch.ops.commcomp.unpack_base3, packed, numel, scale, dtype, segments, validate, 5)
 
 
 def mix_stats(v: torch.Tensor, hat: torch.Tensor, *, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
