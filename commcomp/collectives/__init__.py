@@ -18,10 +18,10 @@ from .executor import (
 )
 from .buffers import BufferPool
 from .ternary import (COLLECTIVES, INT8_MAX_WORLD, Encoding, Launched, allgather_packed, int8_allreduce, pipelined,
-                      two_phase)
+                      reduce_scatter_packed, two_phase)
 
 __all__ = [
     "BufferPool", "COLLECTIVES", "Deferred", "Encoding", "ExecutorClosed", "INT8_MAX_WORLD", "Launched", "OrderedExecutor",
     "all_gather", "all_reduce", "all_to_all", "allgather_packed", "int8_allreduce", "new_future", "p2p", "pipelined",
-    "release_executor", "shared_executor", "two_phase",
+    "reduce_scatter_packed", "release_executor", "shared_executor", "two_phase",
 ]

@@ -14,6 +14,9 @@ unbiased estimate of ``mean_r clip(x_r, -s, s)``.
   the owned chunk, then an all-gather of that sum re-encoded compactly: re-ternarized with the
   shared scales (``requantize=True``: 2 bits, adds variance) or as int8 sums (exact, equal to
   the other two). Bytes per rank stay about constant as W grows.
+
+:func:`reduce_scatter_packed` is two_phase's first half on its own, for FSDP: each rank keeps
+the average of its own rows only.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class Launched:
     own: Optional[torch.Tensor] = None  # this rank's decoded payload (for error feedback)
 
 
-def _decode_sums(sums: torch.Tensor, enc: Encoding, world: int,
+def _decode_sums(sums: torch.Tensor, enc: Encoding, world: float,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Average of W payloads from the integer sum of their codes: sum * s / W, segment by
     segment (no per-element expansion of the scales; the same float32 arithmetic per element
@@ -165,6 +168,52 @@ def _unpack_into(gathered: torch.Tensor, n: int, enc: Encoding, out: Optional[to
         return ops.unpack(packed, n, enc.scales, segments=enc.lengths, validate=False)
     # 0 + s * code: the values of unpack (up to the sign of a zero), written in place
     return _accumulate_into(out, n, out.device, packed.view(1, -1), enc.scales.reshape(1, -1), enc.lengths, 1)
+
+
+def reduce_scatter_packed(x: torch.Tensor, enc: Encoding, group=None, *, out: torch.Tensor, divide: float,
+                          scratch: Scratch = FRESH) -> Launched:
+    """Compressed reduce-scatter of ``x`` laid out as W rows of R elements, row r for rank r
+    (FSDP's reduce-scatter input), every row cut into the same segments ``enc.lengths`` (summing
+    to R) with the shared scales ``enc.scales``.
+
+    Each rank ternarizes its whole ``x`` with its own stream (element i drawn at
+    ``enc.offset + i``, as one call over ``x`` would), sends row r's 2-bit codes to rank r (one
+    all-to-all), sums the integer codes it receives for its own row (exact in float32) and writes
+    ``sum_w code_w * s / divide`` into ``out`` (R elements, any float dtype): ``divide = W``
+    gives the average, 1 the sum. Sends ``(W - 1) * ceil(R / 4)`` bytes.
+    """
+    world = dist.get_world_size(group)
+    n = x.numel()
+    if n % world:
+        raise ValueError(f"commcomp: reduce_scatter_packed needs {world} equal rows, got {n} elements")
+    rows = n // world
+    lengths = [int(k) for k in enc.lengths]
+    if sum(lengths) != rows or out.numel() != rows:
+        raise ValueError(f"commcomp: segments sum to {sum(lengths)} and out has {out.numel()} elements; "
+                         f"each of the {world} rows has {rows}")
+    nbytes = (rows + 3) // 4
+    scales = enc.scales.reshape(-1)
+    if rows % 4 == 0:  # rows start on byte boundaries: one call packs every row
+        send = ops.ternarize_pack(x, scales.repeat(world), enc.seed, enc.offset, segments=lengths * world,
+                                  validate=False).view(world, nbytes)
+    else:  # each row on its own bytes, with the draws one call would make
+        send = scratch.get("send", world * nbytes, torch.uint8, x.device).view(world, nbytes)
+        for r in range(world):
+            send[r] = ops.ternarize_pack(x[r * rows:(r + 1) * rows], scales, enc.seed, enc.offset + r * rows,
+                                         segments=lengths, validate=False)
+    recv = scratch.get("recv", world * nbytes, torch.uint8, x.device).view(world, nbytes)
+    ones = scratch.get("ones", world * len(lengths), torch.float32, x.device)
+    ones.fill_(1.0)
+
+    def decode(f: Deferred) -> torch.Tensor:
+        sums = out if out.dtype == torch.float32 else scratch.get("sums", rows, torch.float32, x.device)
+        _accumulate_into(sums, rows, x.device, f.value(), ones.view(world, -1), lengths, 1)  # integer sums
+        _decode_sums(sums, Encoding(scales, lengths, enc.seed), divide, out=sums)
+        if sums is not out:
+            out.copy_(sums)
+        return out
+
+    return Launched(all_to_all(send, group, out=recv).then(decode), (world - 1) * nbytes)
 
 
 COLLECTIVES = {"int8": int8_allreduce, "allgather": allgather_packed, "two_phase": two_phase}

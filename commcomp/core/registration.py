@@ -79,7 +79,8 @@ def register(model, state_cls, hook: Callable, **options) -> HookState:
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
-        raise TypeError(f"commcomp.register needs a DistributedDataParallel model, got {type(model).__name__}")
+        raise TypeError(f"commcomp.register needs a DistributedDataParallel model or an FSDP2 (fully_shard) model, "
+                        f"got {type(model).__name__}")
     group = hook_group(options.pop("process_group", None) or model.process_group)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -107,4 +108,43 @@ def register(model, state_cls, hook: Callable, **options) -> HookState:
     return state
 
 
-__all__ = ["hook_group", "register"]
+def register_fsdp(model, state_cls, **options) -> HookState:
+    """FSDP2's counterpart of :func:`register`: ``state_cls(process_group=<the root's shard
+    group>, **options)`` finds the model's FSDP modules (``attach``), every rank agrees, the
+    options are checked across ranks, then ``state.install()`` sets the custom collectives. A
+    failure on any rank raises on every rank and leaves every module with FSDP2's own
+    collectives."""
+    groups = list(model._get_fsdp_state()._fsdp_param_groups)
+    if groups:
+        shard = groups[0].mesh_info.shard_process_group
+    else:  # a root without parameters of its own: its first sharded child's group
+        children = [m for m in model.modules() if m is not model and hasattr(m, "_get_fsdp_state")
+                    and m._get_fsdp_state()._fsdp_param_groups]
+        if not children:
+            raise ValueError("commcomp: the FSDP model has no sharded parameters")
+        shard = children[0]._get_fsdp_state()._fsdp_param_groups[0].mesh_info.shard_process_group
+    if "process_group" in options:
+        raise TypeError("commcomp: under FSDP the process group is the FSDP mesh's shard group; do not pass "
+                        "process_group (HSDP: pass replicate_group)")
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    state, error = None, None
+    try:
+        state = state_cls(process_group=shard, **options)
+        state.attach(model)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+        error = exc
+    failed = _agree(error is None, shard, device)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"commcomp: registering the {getattr(state_cls, 'name', state_cls.__name__)!r} hook on the "
+                           f"FSDP model failed on rank(s) {failed} of its group (their error says why); no rank "
+                           "registered it")
+    state.check_options(device)
+    state.install()
+    state.registered = True
+    return state
+
+
+__all__ = ["hook_group", "register", "register_fsdp"]

@@ -21,6 +21,7 @@ from commcomp.decentralized.hook import GradientTrackingState, gradient_tracking
 from .gradient_coding import GradientCodingState, gradient_coding_hook
 from .sketch_dp import SketchDPState, sketch_dp_hook
 from .terngrad import TernGradState, terngrad_hook
+from .terngrad_fsdp import TernGradFSDPState, is_fsdp_model
 
 HOOKS: Dict[str, Tuple[Type[HookState], Callable]] = {
     "terngrad": (TernGradState, terngrad_hook),
@@ -30,8 +31,13 @@ HOOKS: Dict[str, Tuple[Type[HookState], Callable]] = {
 }
 
 
+FSDP_HOOKS: Dict[str, Type[HookState]] = {"terngrad": TernGradFSDPState}
+
+
 def register(model, name: str, **options) -> HookState:
-    """Register the hook called `name` on a DistributedDataParallel model; returns its state.
+    """Register the hook called `name` on a DistributedDataParallel model, or on an FSDP2
+    (``fully_shard``) model for the hooks in ``FSDP_HOOKS`` (TernGrad's compressed
+    reduce-scatter, :mod:`commcomp.hooks.terngrad_fsdp`); returns its state.
 
     Options go to the hook's state class (e.g. :class:`TernGradState`). The hook's collectives
     run on a process group of its own with the same ranks as ``process_group`` (default: the
@@ -42,10 +48,15 @@ def register(model, name: str, **options) -> HookState:
     """
     if name not in HOOKS:
         raise ValueError(f"commcomp: unknown hook {name!r}; available: {sorted(HOOKS)}")
+    if is_fsdp_model(model):
+        if name not in FSDP_HOOKS:
+            raise ValueError(f"commcomp: the {name!r} hook works with DistributedDataParallel only; on an FSDP2 "
+                             f"(fully_shard) model commcomp offers {sorted(FSDP_HOOKS)}")
+        return core.register_fsdp(model, FSDP_HOOKS[name], **options)
     state_cls, hook = HOOKS[name]
     return core.register(model, state_cls, hook, **options)
 
 
-__all__ = ["HOOKS", "GradientCodingState", "GradientTrackingState", "HookState", "SketchDPState",
+__all__ = ["FSDP_HOOKS", "HOOKS", "TernGradFSDPState", "GradientCodingState", "GradientTrackingState", "HookState", "SketchDPState",
            "TernGradState", "gradient_coding_hook", "gradient_tracking_hook", "register", "sketch_dp_hook",
            "terngrad_hook"]
