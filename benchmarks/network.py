@@ -5,7 +5,10 @@ parameter MLP. Compares no hook, torch's fp16, bf16 and PowerSGD (``powersgd/1``
 ``terngrad/auto``, at several bandwidths (``--repeats R``: every configuration R times,
 interleaved; the table gives the median of the runs' median steps and their min-max), and decentralized training on a ring
 (``gt/identity``: DProxSGT, ``gt/ternary``, ``gt/topk:0.02``: CDProxSGT; pass them in
-``--hooks``), plus the compute-only step time (the
+``--hooks``), FSDP2 (``fsdp/fp32``, ``fsdp/bf16``: FSDP2's own reduce-scatter in fp32 or
+bf16; ``fsdp/terngrad``: commcomp's compressed reduce-scatter; every Linear and the root
+sharded with ``fully_shard`` over the 4 ranks; their ratio column is against ``fsdp/fp32``),
+plus the compute-only step time (the
 same model, 4 processes at once, no DDP), so communication overhead = step - compute-only.
 
     sudo python benchmarks/network.py                      # 100mbit, 1gbit, unshaped
@@ -96,6 +99,8 @@ def worker(args) -> None:
     model = build_model()
     if args.hook == "gt":
         return decentralized_worker(args, model, world)
+    if args.hook == "fsdp":
+        return fsdp_worker(args, model, world)
     ddp = DDP(model, bucket_cap_mb=1000 if args.hook == "powersgd" else 25)
     if args.hook in ("powersgd", "bf16"):  # powersgd/<rank>; torch's bf16 hook
         state = torch_hook(ddp, args.hook, args.collective)
@@ -163,6 +168,45 @@ def decentralized_worker(args, model, world) -> None:
               "bytes_per_step": gt.metrics["bytes_sent"] / (args.warmup + args.steps),
               "fp32_bytes_per_step": baseline_bytes(model, "none", world), "codec_ms": 0.0}
     gt.close()  # (a model round of x_mixing="before" is in flight)
+    if dist.get_rank() == 0:
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def fsdp_worker(args, model, world) -> None:
+    """``fsdp/<fp32|bf16|terngrad>``: every Linear and the root under ``fully_shard``; FSDP2's
+    reduce-scatter in fp32 or bf16 (``MixedPrecisionPolicy(reduce_dtype=...)``), or commcomp's
+    TernGrad reduce-scatter. Bytes per step: the reduction's (counted by commcomp's state, or
+    FSDP2's reduce-scatter, (W - 1) / W of the padded gradient) plus the parameter all-gathers,
+    the same in all three (forward and backward for each Linear: FSDP2 reshards after forward)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import commcomp
+
+    kind = args.collective or "fp32"
+    kw = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)} if kind == "bf16" else {}
+    leaves = [m for m in model if any(True for _ in m.parameters())]
+    for m in leaves:
+        fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    state = commcomp.register(model, "terngrad", **json.loads(args.options)) if kind == "terngrad" else None
+    times = train_steps(model, lambda x, y: F.cross_entropy(model(x), y).backward(), args.warmup, args.steps)
+    padded = sum(fp.padded_sharded_param_size.numel() * world for m in leaves
+                 for fp in m._get_fsdp_state()._fsdp_param_groups[0].fsdp_params)
+    reduce_fp32 = (world - 1) * padded // world * 4
+    gathers = 2 * reduce_fp32  # two all-gathers of the fp32 parameters per step
+    if state is not None:
+        reduce = state.metrics["bytes_sent"] / (args.warmup + args.steps)
+    else:
+        reduce = reduce_fp32 // (2 if kind == "bf16" else 1)
+    result = {"hook": "fsdp", "collective": kind, "world": world, "params": sum(p.numel() for p in model.parameters()),
+              "step_s": sorted(times)[len(times) // 2], "bytes_per_step": reduce + gathers,
+              "reduce_bytes_per_step": reduce, "reduce_fp32_bytes_per_step": reduce_fp32,
+              "fp32_bytes_per_step": reduce_fp32 + gathers, "codec_ms": 0.0}
     if dist.get_rank() == 0:
         with open(args.result, "w") as f:
             json.dump(result, f)
@@ -307,14 +351,22 @@ def print_table(rows, compute, repeats=1):
           "overhead = step - compute-only")
     print(f"{'rate':>9s} {'hook':20s} {'step ms':>8s} {'min-max':>11s} {'overhead ms':>11s} {'x fp32 overhead':>15s} "
           f"{'MB/step':>8s}")
-    fp32 = {r["rate"]: r["step_s"] - compute for r in rows if r["hook"] == "none"}
+    def family(r):  # FSDP2 rows against FSDP2's fp32 reduce-scatter, the rest against DDP's fp32 all-reduce
+        return "fsdp" if r["hook"] == "fsdp" else "ddp"
+
+    fp32 = {(r["rate"], family(r)): r["step_s"] - compute for r in rows
+            if r["hook"] == "none" or (r["hook"] == "fsdp" and r["collective"] == "fp32")}
     for r in rows:
         name = r["hook"] + (f"/{r['collective']}" if r["collective"] else "")
         over = r["step_s"] - compute
         spread = f"{r.get('step_min_s', r['step_s']) * 1e3:.0f}-{r.get('step_max_s', r['step_s']) * 1e3:.0f}"
-        ratio = f"{over / fp32[r['rate']]:15.2f}" if r["rate"] in fp32 else f"{'-':>15s}"
+        key = (r["rate"], family(r))
+        ratio = f"{over / fp32[key]:15.2f}" if key in fp32 else f"{'-':>15s}"
+        reduce = (f"  (reduction {r['reduce_bytes_per_step'] / 1e6:.2f} MB, fp32 "
+                  f"{r['reduce_fp32_bytes_per_step'] / 1e6:.2f})" if "reduce_bytes_per_step" in r else "")
         print(f"{r['rate']:>9s} {name:20s} {r['step_s'] * 1e3:8.0f} {spread:>11s} {over * 1e3:11.0f} "
-              f"{ratio} {r['bytes_per_step'] / 1e6:8.2f}" + (f"  ({','.join(r['chosen'])})" if r.get("chosen") else ""))
+              f"{ratio} {r['bytes_per_step'] / 1e6:8.2f}" + (f"  ({','.join(r['chosen'])})" if r.get("chosen") else "")
+              + reduce)
 
 
 def plot(rows, compute, path):

@@ -70,4 +70,4 @@ if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-rte\|openrte"; then
 else
   args=(-n "$NP")
 fi
-exec "$MPIEXEC" "${args[@]}" "${user_args[@]}" "$PYTHON" examples/train_ddp.py "$@"
+exec "$MPIEXEC" "${args[@]}" "${user_args[@]}" "$PYTHON" "${SCRIPT:-examples/train_ddp.py}" "$@"

@@ -44,4 +44,4 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then extra+=(--local-addr "$LOCAL_ADDR"); fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$PYTHON" -m torch.distributed.run --nnodes "${NNODES:-2}" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "${RDZV_HOST}:${RDZV_PORT:-29400}" --rdzv-id "${RDZV_ID:-commcomp}" \
-  --max-restarts "${MAX_RESTARTS:-3}" "${extra[@]}" examples/train_ddp.py "$@"
+  --max-restarts "${MAX_RESTARTS:-3}" "${extra[@]}" "${SCRIPT:-examples/train_ddp.py}" "$@"

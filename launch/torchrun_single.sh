@@ -28,4 +28,4 @@ fi
 # torchrun sets OMP_NUM_THREADS=1 (with a warning) when unset; the example sizes its own threads.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
-  --max-restarts "${MAX_RESTARTS:-0}" examples/train_ddp.py "$@"
+  --max-restarts "${MAX_RESTARTS:-0}" "${SCRIPT:-examples/train_ddp.py}" "$@"

@@ -109,20 +109,12 @@ def register(model, state_cls, hook: Callable, **options) -> HookState:
 
 
 def register_fsdp(model, state_cls, **options) -> HookState:
-    """FSDP2's counterpart of :func:`register`: ``state_cls(process_group=<the root's shard
-    group>, **options)`` finds the model's FSDP modules (``attach``), every rank agrees, the
+    """FSDP2's counterpart of :func:`register`: ``state_cls(process_group=<the model's shard
+    group, from state_cls.process_group_of(model)>, **options)`` finds the model's FSDP modules (``attach``), every rank agrees, the
     options are checked across ranks, then ``state.install()`` sets the custom collectives. A
     failure on any rank raises on every rank and leaves every module with FSDP2's own
     collectives."""
-    groups = list(model._get_fsdp_state()._fsdp_param_groups)
-    if groups:
-        shard = groups[0].mesh_info.shard_process_group
-    else:  # a root without parameters of its own: its first sharded child's group
-        children = [m for m in model.modules() if m is not model and hasattr(m, "_get_fsdp_state")
-                    and m._get_fsdp_state()._fsdp_param_groups]
-        if not children:
-            raise ValueError("commcomp: the FSDP model has no sharded parameters")
-        shard = children[0]._get_fsdp_state()._fsdp_param_groups[0].mesh_info.shard_process_group
+    shard = state_cls.process_group_of(model)  # raises if the model has no sharded parameters
     if "process_group" in options:
         raise TypeError("commcomp: under FSDP the process group is the FSDP mesh's shard group; do not pass "
                         "process_group (HSDP: pass replicate_group)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Tuple, Type
 
+import torch
+
 from commcomp import core
 from commcomp.core import HookState
 from commcomp.decentralized.hook import GradientTrackingState, gradient_tracking_hook
@@ -21,7 +23,7 @@ from commcomp.decentralized.hook import GradientTrackingState, gradient_tracking
 from .gradient_coding import GradientCodingState, gradient_coding_hook
 from .sketch_dp import SketchDPState, sketch_dp_hook
 from .terngrad import TernGradState, terngrad_hook
-from .terngrad_fsdp import TernGradFSDPState, is_fsdp_model
+from .terngrad_fsdp import TernGradFSDPState, fsdp_available, is_fsdp_model
 
 HOOKS: Dict[str, Tuple[Type[HookState], Callable]] = {
     "terngrad": (TernGradState, terngrad_hook),
@@ -52,6 +54,9 @@ def register(model, name: str, **options) -> HookState:
         if name not in FSDP_HOOKS:
             raise ValueError(f"commcomp: the {name!r} hook works with DistributedDataParallel only; on an FSDP2 "
                              f"(fully_shard) model commcomp offers {sorted(FSDP_HOOKS)}")
+        if not fsdp_available():
+            raise RuntimeError(f"commcomp: torch {torch.__version__}'s FSDP2 has no set_custom_reduce_scatter, which "
+                               "the compressed reduce-scatter needs; upgrade torch (tested with 2.13)")
         return core.register_fsdp(model, FSDP_HOOKS[name], **options)
     state_cls, hook = HOOKS[name]
     return core.register(model, state_cls, hook, **options)

@@ -29,7 +29,7 @@ Example::
 import dataclasses
 import logging
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -172,6 +172,36 @@ def _scales(g: torch.Tensor, lengths: List[int], clip_factor: Optional[float]) -
         scales = torch.where(std > 0, torch.minimum(absmax, clip_factor * std), absmax)
     bad = (~torch.isfinite(absmax)).any().to(torch.float32).reshape(1)
     return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
+
+
+def row_scales(x: torch.Tensor, row_lengths: Sequence[int], numels: Sequence[int], world: int,
+                  clip_factor: Optional[float]) -> torch.Tensor:
+    """Per parameter of a reduce-scatter input (W rows of the parameters' chunks): the scale
+    ``min(max |g|, c * sigma)`` (sigma: population std over the parameter's true elements,
+    padding excluded), then a flag that is 1 where any element is not finite. float32 [L + 1]."""
+    segs = list(row_lengths) * world
+    absmax, std = ops.segment_stats(x, segs)
+    absmax_l = absmax.view(world, -1).amax(0)  # NaN propagates
+    scales = absmax_l
+    if clip_factor is not None:
+        xs = x if x.dtype == torch.float32 else x.float()
+        sums = torch.segment_reduce(xs, "sum", lengths=torch.tensor(segs, device=x.device)).double().view(world, -1)
+        count = torch.tensor(segs, dtype=torch.float64, device=x.device).view(world, -1)
+        sq = (count * (std.double().view(world, -1) ** 2 + (sums / count) ** 2)).sum(0)  # sum of squares
+        n = torch.tensor(list(numels), dtype=torch.float64, device=x.device)
+        mean = sums.sum(0) / n
+        sigma = (sq / n - mean * mean).clamp_min(0).sqrt().float()
+        scales = torch.where(sigma > 0, torch.minimum(absmax_l, clip_factor * sigma), absmax_l)
+    bad = (~torch.isfinite(absmax_l)).any().to(torch.float32).reshape(1)
+    return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
+
+
+def fill_nan_where(out: torch.Tensor, flag: torch.Tensor) -> None:
+    """NaN over ``out`` where ``flag > 0``: a host test on CPU, no sync on a GPU."""
+    if out.is_cuda:
+        out.masked_fill_(flag > 0, float("nan"))
+    elif bool(flag > 0):
+        out.fill_(float("nan"))
 
 
 def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

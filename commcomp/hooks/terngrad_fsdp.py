@@ -43,18 +43,18 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from commcomp import collectives, ops, perfmodel
+from commcomp import collectives, perfmodel
 from commcomp.collectives.buffers import BufferPool
 from commcomp.core import HookState, Option
 from commcomp.utils import mix_seed, validate
 from commcomp.utils.metrics import ring_allreduce_bytes
 
-from .terngrad import COLLECTIVE_NAMES, _scales
+from .terngrad import COLLECTIVE_NAMES, _scales, fill_nan_where, row_scales
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,13 @@ def _no_error_feedback(value, name):
 
 
 def _param_groups(module) -> list:
-    return list(module._get_fsdp_state()._fsdp_param_groups)
+    """The FSDP parameter groups a module owns (torch < 2.10 kept at most one, under another name)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        one = getattr(state, "_fsdp_param_group", None)
+        groups = [] if one is None else [one]
+    return list(groups)
 
 
 class TernGradFSDPState(HookState):
@@ -138,6 +144,17 @@ class TernGradFSDPState(HookState):
         self._replicate_choice: Dict[int, str] = {}
 
     # -- registration
+    @staticmethod
+    def process_group_of(model):
+        """The shard group of the model's first FSDP module that owns parameters."""
+        for module in model.modules():
+            if is_fsdp_model(module):
+                groups = _param_groups(module)
+                if groups:
+                    return groups[0].mesh_info.shard_process_group
+        raise ValueError("commcomp terngrad: the model has no FSDP module that owns parameters; "
+                         "call fully_shard on it (and its blocks) first")
+
     def attach(self, model) -> None:
         """Find every FSDP module that owns parameters and check it can take the compressed
         reduce-scatter (one parameter group, a 1-D mesh, the same shard group as the root)."""
@@ -239,36 +256,6 @@ class TernGradFSDPState(HookState):
         super().load_state_dict(state)
 
 
-def _layer_scales(x: torch.Tensor, row_lengths: Sequence[int], numels: Sequence[int], world: int,
-                  clip_factor: Optional[float]) -> torch.Tensor:
-    """Per parameter of a reduce-scatter input (W rows of the parameters' chunks): the scale
-    ``min(max |g|, c * sigma)`` (sigma: population std over the parameter's true elements,
-    padding excluded), then a flag that is 1 where any element is not finite. float32 [L + 1]."""
-    segs = list(row_lengths) * world
-    absmax, std = ops.segment_stats(x, segs)
-    absmax_l = absmax.view(world, -1).amax(0)  # NaN propagates
-    scales = absmax_l
-    if clip_factor is not None:
-        xs = x if x.dtype == torch.float32 else x.float()
-        sums = torch.segment_reduce(xs, "sum", lengths=torch.tensor(segs, device=x.device)).double().view(world, -1)
-        count = torch.tensor(segs, dtype=torch.float64, device=x.device).view(world, -1)
-        sq = (count * (std.double().view(world, -1) ** 2 + (sums / count) ** 2)).sum(0)  # sum of squares
-        n = torch.tensor(list(numels), dtype=torch.float64, device=x.device)
-        mean = sums.sum(0) / n
-        sigma = (sq / n - mean * mean).clamp_min(0).sqrt().float()
-        scales = torch.where(sigma > 0, torch.minimum(absmax_l, clip_factor * sigma), absmax_l)
-    bad = (~torch.isfinite(absmax_l)).any().to(torch.float32).reshape(1)
-    return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
-
-
-def _fill_nan_where(out: torch.Tensor, flag: torch.Tensor) -> None:
-    """NaN over ``out`` where ``flag > 0``: a host test on CPU, no sync on a GPU."""
-    if out.is_cuda:
-        out.masked_fill_(flag > 0, float("nan"))
-    elif bool(flag > 0):
-        out.fill_(float("nan"))
-
-
 class TernGradReduceScatter(_ReduceScatterBase):
     """FSDP2's reduce-scatter of one module, as TernGrad 2-bit codes (see the module docs).
     Built by :class:`TernGradFSDPState`; FSDP2 calls it once per backward that syncs."""
@@ -315,7 +302,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
         divide = self._divide(op, world)
         call = state.calls[self.index]
         x = input_tensor.reshape(-1)
-        stats = _layer_scales(x, row_lengths, numels, world, state.clip_factor)
+        stats = row_scales(x, row_lengths, numels, world, state.clip_factor)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
         metrics = state.metrics
         metrics.sent(ring_allreduce_bytes(4 * stats.numel(), world))
@@ -331,7 +318,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
             launched.future.wait()
         if raw:
             self._exact(x, output_tensor, row_lengths, raw, world, divide, group)
-        _fill_nan_where(output_tensor, stats[-1])
+        fill_nan_where(output_tensor, stats[-1])
         state.calls[self.index] = call + 1
         state.step = max(state.step, call + 1)
         return None
@@ -394,7 +381,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
                 n = row_lengths[k]
                 shard[bounds[k]:bounds[k + 1]] = raw_x[pos:pos + n]
                 pos += n
-        _fill_nan_where(shard, stats[-1])
+        fill_nan_where(shard, stats[-1])
 
 
 __all__ = ["FP32_FSDP", "TernGradFSDPState", "TernGradReduceScatter", "fsdp_available", "is_fsdp_model"]

@@ -22,25 +22,27 @@ pytestmark = pytest.mark.skipif(not terngrad_fsdp.fsdp_available(),
                                 reason="this torch has no FSDP2 set_custom_reduce_scatter")
 
 
-def _shard(model):
+def _shard(model, mesh=None):
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)  # the root owns model[4]
+    kw = {} if mesh is None else {"mesh": mesh}
+    fully_shard(model[0], **kw)
+    fully_shard(model[2], **kw)
+    fully_shard(model, **kw)  # the root owns model[4]
     return model
 
 
 def _loss(model, rank, scale=1.0):
+    device = next(model.parameters()).device
     x, y = rank_batch(rank)
-    return ((model(x) - y) ** 2).mean() * scale
+    return ((model(x.to(device)) - y.to(device)) ** 2).mean() * scale
 
 
-def _local_grads(rank):
-    """This rank's unsharded gradient of every parameter, without FSDP."""
-    model = make_model()
+def _local_grads(rank, device="cpu"):
+    """This rank's unsharded gradient of every parameter, without FSDP (on the CPU)."""
+    model = make_model().to(device)
     _loss(model, rank).backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 def _rows(grads, names, world):
@@ -98,16 +100,22 @@ def _expected_shards(world, rank, state, calls=0, grads=None):
     return out
 
 
-def _check_against_independent(rank, world):
-    model = _shard(make_model())
+def _check_against_independent(rank, world, device="cpu"):
+    mesh = None
+    if device == "cuda":  # 2 gloo ranks sharing the GPU (gloo moves CUDA tensors)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        torch.cuda.set_device(0)
+        mesh = init_device_mesh("cuda", (world,))
+    model = _shard(make_model().to(device), mesh)
     state = commcomp.register(model, "terngrad", clip_factor=None, min_compress_numel=0, seed=3)
     assert len(state.comms) == 3
     _loss(model, rank).backward()
-    expected = _expected_shards(world, rank, state)
+    expected = _expected_shards(world, rank, state, grads=[_local_grads(r, device) for r in range(world)])
     for name, p in model.named_parameters():
-        got = p.grad.to_local().reshape(-1)
+        got = p.grad.to_local().reshape(-1).cpu()
         want = expected[name][:got.numel()]
-        assert torch.equal(got, want), (name, (got - want).abs().max())
+        assert torch.equal(got, want), (name, (got - want).abs().max(), (got != want).float().mean())
     assert state.calls == [1, 1, 1] and state.step == 1
     # bytes: 2-bit payloads plus the scales' MAX all-reduce, against FSDP2's fp32 reduce-scatter
     assert state.metrics["bytes_sent"] * 8 < state.metrics[terngrad_fsdp.FP32_FSDP]
@@ -116,6 +124,13 @@ def _check_against_independent(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_compressed_reduce_scatter_equals_independent_average(tmp_path, world):
     spawn(_check_against_independent, world, tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compressed_reduce_scatter_on_cuda_equals_independent_average(tmp_path):
+    """FSDP2 on CUDA tensors: the CUDA kernels' codes are the reference's, bit for bit."""
+    spawn(_check_against_independent, 2, tmp_path, "cuda")
 
 
 def _check_small_layers_exact(rank, world):
@@ -338,30 +353,52 @@ def _check_hsdp(rank, world):
         fully_shard(m, mesh=mesh)  # native HSDP: refused, with the advice
     with pytest.raises(ValueError, match="2-D mesh"):
         commcomp.register(model, "terngrad")
+    for collective in ("int8", "two_phase", "allgather"):
+        _check_hsdp_collective(rank, world, mesh, collective)
+
+
+def _check_hsdp_collective(rank, world, mesh, collective):
+    from torch.distributed.fsdp import fully_shard
+
     model = make_model()
     for m in (model[0], model[2], model):
         fully_shard(m, mesh=mesh["shard"])
-    state = commcomp.register(model, "terngrad", clip_factor=None, min_compress_numel=0, collective="int8",
+    state = commcomp.register(model, "terngrad", clip_factor=None, min_compress_numel=0, collective=collective,
                               replicate_group=mesh["replicate"].get_group(), seed=2)
+    seen = {}  # module index -> (shard before the replicate all-reduce, after)
+
+    def recorder(comm):
+        def hook(shard):
+            before = shard.clone()
+            comm.all_reduce_hook(shard)
+            seen[comm.index] = (before, shard.clone())
+        return hook
+
+    for comm in state.comms:
+        comm.module.set_all_reduce_hook(recorder(comm))
     _loss(model, rank).backward()
-    # replicas of one shard hold the same values (the replicate collective is identical on every rank)
+    assert sorted(seen) == [0, 1, 2]
     shard_rank = mesh["shard"].get_local_rank()
-    mine = torch.cat([p.grad.to_local().reshape(-1) for p in model.parameters()])
-    every = [None] * world
-    dist.all_gather_object(every, mine)  # shards differ in length (padding)
-    layout = mesh.mesh.tolist()  # [replicate][shard] -> global rank
-    replicas = [row[shard_rank] for row in layout]
+    replicas = [row[shard_rank] for row in mesh.mesh.tolist()]  # [replicate][shard] -> global rank
     assert rank in replicas
-    for r in replicas:
-        assert torch.equal(every[r], mine)
-    # and they estimate the average over all 4 ranks: the error is within the codes' spread
-    grads = [_local_grads(r) for r in range(world)]
-    for n, p in model.named_parameters():
-        full = torch.stack([g[n] for g in grads]).mean(0)
-        c = math.ceil(full.shape[0] / 2)
-        want = full[shard_rank * c:(shard_rank + 1) * c]
-        s = torch.stack([g[n].abs().max() for g in grads]).max()
-        assert float((p.grad.to_local() - want).abs().max()) <= 2 * float(s) + 1e-6
+    for comm in state.comms:
+        before, after = seen[comm.index]
+        every = [None] * world
+        dist.all_gather_object(every, (before, after))
+        for r in replicas:  # replicas of one shard hold the same values
+            assert torch.equal(every[r][1], after), (collective, comm.fqn)
+        if collective == "two_phase":  # re-ternarized chunk sums: checked by the bytes below
+            continue
+        # int8 and allgather: the average over the replicas of their codes, rebuilt here
+        segs = comm.row_lengths
+        ins = [every[r][0] for r in replicas]
+        scales = torch.stack([torch.stack([p.abs().max() for p in torch.split(x, segs)]) for x in ins]).amax(0)
+        total = torch.zeros_like(after)
+        for r, x in zip(replicas, ins):
+            seed = commcomp.utils.mix_seed(state.seed, r, 0, comm.index, 1)
+            total += reference.ternarize_int8(x, scales, segs, seed, 0).float()
+        want = torch.cat([t * sc / len(replicas) for t, sc in zip(torch.split(total, segs), scales)])
+        assert torch.equal(after, want), (collective, comm.fqn, (after - want).abs().max())
     assert state.metrics["bytes_sent"] * 4 < state.metrics[terngrad_fsdp.FP32_FSDP]
 
 
@@ -398,9 +435,9 @@ def test_layer_scales_match_a_direct_computation():
     rows = _rows(dict(zip(names, grads)), names, world)
     x = torch.cat(rows)
     row_lengths = [math.ceil(s[0] / world) * int(torch.Size(s[1:]).numel()) for s in shapes]
-    got = terngrad_fsdp._layer_scales(x, row_lengths, [g.numel() for g in grads], world, 2.0)
+    got = terngrad_fsdp.row_scales(x, row_lengths, [g.numel() for g in grads], world, 2.0)
     want = [min(float(g.abs().max()), 2.0 * float(g.double().std(correction=0))) for g in grads]
     torch.testing.assert_close(got[:-1], torch.tensor(want), rtol=1e-5, atol=0)
     assert got[-1] == 0
     x[3] = float("nan")
-    assert terngrad_fsdp._layer_scales(x, row_lengths, [g.numel() for g in grads], world, 2.0)[-1] == 1
+    assert terngrad_fsdp.row_scales(x, row_lengths, [g.numel() for g in grads], world, 2.0)[-1] == 1
