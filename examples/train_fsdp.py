@@ -72,7 +72,10 @@ def build(args, device):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     state = commcomp.register(model, "terngrad", **parse_opts(args.opt)) if args.hook == "terngrad" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     return model, opt, state
 
 
@@ -107,6 +110,7 @@ def parse_args(argv=None):
     ap.add_argument("--reduce-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="per rank")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=2)

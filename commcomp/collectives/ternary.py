@@ -174,7 +174,8 @@ def reduce_scatter_packed(x: torch.Tensor, enc: Encoding, group=None, *, out: to
                           scratch: Scratch = FRESH) -> Launched:
     """Compressed reduce-scatter of ``x`` laid out as W rows of R elements, row r for rank r
     (FSDP's reduce-scatter input), every row cut into the same segments ``enc.lengths`` (summing
-    to R) with the shared scales ``enc.scales``.
+    to R) with the shared scales ``enc.scales``: ``[S]`` for every row alike, or ``[W, S]``
+    (row-major) with each row's own.
 
     Each rank ternarizes its whole ``x`` with its own stream (element i drawn at
     ``enc.offset + i``, as one call over ``x`` would), sends row r's 2-bit codes to rank r (one
@@ -193,14 +194,20 @@ def reduce_scatter_packed(x: torch.Tensor, enc: Encoding, group=None, *, out: to
                          f"each of the {world} rows has {rows}")
     nbytes = (rows + 3) // 4
     scales = enc.scales.reshape(-1)
+    if scales.numel() == len(lengths):
+        scales = scales.repeat(world)
+    if scales.numel() != world * len(lengths):
+        raise ValueError(f"commcomp: {scales.numel()} scales for {len(lengths)} segments per row and {world} rows")
+    per_row = scales.view(world, -1)
     if rows % 4 == 0:  # rows start on byte boundaries: one call packs every row
-        send = ops.ternarize_pack(x, scales.repeat(world), enc.seed, enc.offset, segments=lengths * world,
+        send = ops.ternarize_pack(x, scales, enc.seed, enc.offset, segments=lengths * world,
                                   validate=False).view(world, nbytes)
     else:  # each row on its own bytes, with the draws one call would make
         send = scratch.get("send", world * nbytes, torch.uint8, x.device).view(world, nbytes)
         for r in range(world):
-            send[r] = ops.ternarize_pack(x[r * rows:(r + 1) * rows], scales, enc.seed, enc.offset + r * rows,
+            send[r] = ops.ternarize_pack(x[r * rows:(r + 1) * rows], per_row[r], enc.seed, enc.offset + r * rows,
                                          segments=lengths, validate=False)
+    mine = per_row[dist.get_rank(group)]
     recv = scratch.get("recv", world * nbytes, torch.uint8, x.device).view(world, nbytes)
     ones = scratch.get("ones", world * len(lengths), torch.float32, x.device)
     ones.fill_(1.0)
@@ -208,7 +215,7 @@ def reduce_scatter_packed(x: torch.Tensor, enc: Encoding, group=None, *, out: to
     def decode(f: Deferred) -> torch.Tensor:
         sums = out if out.dtype == torch.float32 else scratch.get("sums", rows, torch.float32, x.device)
         _accumulate_into(sums, rows, x.device, f.value(), ones.view(world, -1), lengths, 1)  # integer sums
-        _decode_sums(sums, Encoding(scales, lengths, enc.seed), divide, out=sums)
+        _decode_sums(sums, Encoding(mine, lengths, enc.seed), divide, out=sums)
         if sums is not out:
             out.copy_(sums)
         return out

@@ -110,30 +110,39 @@ def register(model, state_cls, hook: Callable, **options) -> HookState:
 
 def register_fsdp(model, state_cls, **options) -> HookState:
     """FSDP2's counterpart of :func:`register`: ``state_cls(process_group=<the model's shard
-    group, from state_cls.process_group_of(model)>, **options)`` finds the model's FSDP modules (``attach``), every rank agrees, the
-    options are checked across ranks, then ``state.install()`` sets the custom collectives. A
-    failure on any rank raises on every rank and leaves every module with FSDP2's own
-    collectives."""
+    group, from state_cls.process_group_of(model)>, **options)`` finds the model's FSDP
+    modules (``attach``), every rank agrees, the options are checked across ranks, then
+    ``state.install()`` sets the custom collectives. A failure on any rank raises on every
+    rank (of the shard group; of the world under HSDP, ``replicate_group=...``) and leaves
+    every module with FSDP2's own collectives."""
     shard = state_cls.process_group_of(model)  # raises if the model has no sharded parameters
     if "process_group" in options:
         raise TypeError("commcomp: under FSDP the process group is the FSDP mesh's shard group; do not pass "
                         "process_group (HSDP: pass replicate_group)")
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = state_cls.device_of(model)
     state, error = None, None
     try:
         state = state_cls(process_group=shard, **options)
         state.attach(model)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
         error = exc
-    failed = _agree(error is None, shard, device)
+    # Under HSDP the ranks span several shard groups: agree over the whole world, so a failure
+    # in one shard group (or one replica's options) raises everywhere instead of leaving the
+    # others waiting in the next collective.
+    agree_on = dist.group.WORLD if options.get("replicate_group") is not None else shard
+    failed = _agree(error is None, agree_on, device)
+    if error is None and not failed:
+        try:
+            state.check_options(device)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+            error = exc
+        if agree_on is not shard:
+            failed = _agree(error is None, agree_on, device)
     if error is not None:
         raise error
     if failed:
         raise RuntimeError(f"commcomp: registering the {getattr(state_cls, 'name', state_cls.__name__)!r} hook on the "
-                           f"FSDP model failed on rank(s) {failed} of its group (their error says why); no rank "
-                           "registered it")
-    state.check_options(device)
+                           f"FSDP model failed on rank(s) {failed} (their error says why); no rank registered it")
     state.install()
     state.registered = True
     return state

@@ -64,6 +64,7 @@ class HookState(Configurable):
         self._executor: Optional[OrderedExecutor] = None
         self.closed = False
         self._param_names: Dict[torch.Tensor, str] = {}
+        self._param_order: Dict[torch.Tensor, int] = {}
 
     # -- registration
     def attach(self, model) -> None:
@@ -71,9 +72,17 @@ class HookState(Configurable):
         rebuilds and are checkpointed by name (``commcomp.register`` calls this; a subclass
         refuses here the DDP modes it cannot serve, before the model gets the hook)."""
         self._param_names = {p: name for name, p in model.named_parameters()}
+        self._param_order = {p: i for i, (_, p) in enumerate(model.named_parameters())}
 
     def param_key(self, param: torch.Tensor):
         return self._param_names.get(param, param)
+
+    def param_index(self, param: torch.Tensor) -> int:
+        """The parameter's position in the model (the same on every rank)."""
+        if param not in self._param_order:
+            raise RuntimeError(f"commcomp {self.name}: a parameter the registered model does not have; "
+                               "register the hook on the model being trained")
+        return self._param_order[param]
 
     def check_options(self, device) -> None:
         """Once: all ranks must run this state with the same options (one small all-gather on
@@ -82,10 +91,18 @@ class HookState(Configurable):
             self.check_across_ranks(self.process_group, device, hook=self.name, world_size=self.world_size)
             self._options_checked = True
 
-    def require_registered(self) -> None:
+    def require_registered(self, bucket=None) -> None:
         """Hooks call this first: a closed state sends nothing more, and a state given to
         ``ddp.register_comm_hook`` directly would skip the options check and share DDP's
-        process group (see :func:`commcomp.register`)."""
+        process group (see :func:`commcomp.register`). With ``bucket``: refuse DDP's Python
+        reducer, which calls hooks with one ``(grad, param)`` at a time and drops their result."""
+        if isinstance(bucket, tuple):
+            raise RuntimeError(
+                f"commcomp {self.name}: DDP called the hook with one parameter's gradient, as its Python reducer does "
+                "(torch._dynamo.config.optimize_ddp='python_reducer', which compiled autograd needs); it ignores "
+                f"what the hook returns. The {self.name} hook works on whole buckets: compile without compiled "
+                "autograd (torch.compile(ddp_model) keeps DDP's C++ reducer and its buckets), or use the "
+                "'terngrad' hook, which serves the Python reducer too")
         if self.closed:
             raise ExecutorClosed(f"commcomp {self.name}: this hook state was closed; register the hook "
                                  "again (on a new DDP model) to go on training")

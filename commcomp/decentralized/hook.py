@@ -106,7 +106,7 @@ class GradientTrackingState(HookState):
 def gradient_tracking_hook(state: GradientTrackingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
     """DDP communication hook: replace the bucket's gradient by the tracked direction ``y_i``."""
-    state.require_registered()
+    state.require_registered(bucket)
     buf = bucket.buffer()
     params = bucket.parameters()
     names = state.names_of(params)

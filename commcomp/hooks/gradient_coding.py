@@ -167,7 +167,7 @@ class GradientCodingState(HookState):
 def gradient_coding_hook(state: GradientCodingState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # (no `from __future__ import annotations` here: DDP checks these annotations at runtime)
     """DDP communication hook: decode the bucket's average from the first n - s coded buckets."""
-    state.require_registered()
+    state.require_registered(bucket)
     buf = bucket.buffer()
     key, last = (state.step, bucket.index()), bucket.is_last()
     started = state._start(key, buf)  # sends now, from the backward pass: no waiting

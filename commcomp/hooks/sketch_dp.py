@@ -300,7 +300,7 @@ def sketch_dp_hook(state: SketchDPState, bucket: dist.GradBucket) -> torch.futur
     """
     if state.level == "record":
         raise RuntimeError(_RECORD_NOT_A_HOOK)
-    state.require_registered()
+    state.require_registered(bucket)
     buf = bucket.buffer()
     x = buf.detach().to(torch.float32, copy=True)
     index, step, last = bucket.index(), state.step, bucket.is_last()

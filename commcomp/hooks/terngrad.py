@@ -27,6 +27,7 @@ Example::
 """
 
 import dataclasses
+import functools
 import logging
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_NAMES = ("auto", "int8", "allgather", "two_phase")
 PROBE_BYTES = "bytes_link_probe"  # the auto collective's one-time link measurement
 PIPELINE_NUMEL = 1 << 21  # elements per piece of a pipelined bucket (8 MB of float32)
+PARAM_INDEX_BASE = 1 << 16  # the Python reducer's one-parameter "buckets": indices apart from DDP's
 
 
 class TernGradState(HookState):
@@ -95,6 +97,7 @@ class TernGradState(HookState):
         # calibrations could pick different collectives for one bucket.
         self._calibration = perfmodel.load_calibration() if collective == "auto" else None
         self.residuals: Dict[object, torch.Tensor] = {}  # parameter name (or object) -> residual
+        self.param_steps: Dict[object, int] = {}  # DDP's Python reducer: reductions per parameter
         self.choices: Dict[tuple, str] = {}  # (bucket index, numel) -> collective
         # Work buffers per bucket, kept across steps (not saved): about 1.2x the bucket for
         # two_phase, (W/4 + 1)x for allgather, plus 4 B per element for the float32 working copy
@@ -124,11 +127,13 @@ class TernGradState(HookState):
                 "or call state.attach(ddp_model) before training"
             )
         return {"residuals": {k: v.detach().cpu() for k, v in self.residuals.items()},
+                "param_steps": {str(k): v for k, v in self.param_steps.items()},
                 "link": None if self.link is None else dataclasses.asdict(self.link),
                 "choices": [[index, numel, name] for (index, numel), name in sorted(self.choices.items())]}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.residuals = {str(k): v.clone() for k, v in extra.get("residuals", {}).items()}
+        self.param_steps = {str(k): int(v) for k, v in extra.get("param_steps", {}).items()}
         if extra.get("link") is not None:  # the run goes on with the link and choices it had
             self.link = perfmodel.LinkModel(**extra["link"])
         if "choices" in extra:
@@ -174,26 +179,77 @@ def _scales(g: torch.Tensor, lengths: List[int], clip_factor: Optional[float]) -
     return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
 
 
+def blocks_of(row_lengths: Sequence[int], block: int) -> Tuple[List[int], List[int]]:
+    """Each parameter's row segment cut into blocks of at most ``block`` elements (0: whole):
+    the block lengths and, per block, its parameter."""
+    lengths, owner = [], []
+    for k, n in enumerate(row_lengths):
+        cuts = [n] if block <= 0 or n <= block else [block] * (n // block) + ([n % block] if n % block else [])
+        lengths += cuts
+        owner += [k] * len(cuts)
+    return lengths, owner
+
+
+@functools.lru_cache(maxsize=256)
+def _row_constants(row_lengths: Tuple[int, ...], numels: Tuple[int, ...], world: int, block: int, device: str):
+    """One layout's segments, made once per layout and device (small tensors made anew would
+    be a blocking host-to-device copy per module per backward on a GPU).
+
+    Returns one row's blocks, then the statistics' segments: every (row, block) cut in two, its
+    true elements and its padding (parameter k's chunk r holds ``numel_k - r * row_k`` true
+    elements, clamped to [0, row_k], then zeros), their true counts, the parameter of each
+    block (repeated per row) and the parameters' sizes."""
+    segs_row, owner = blocks_of(row_lengths, block)
+    starts, pos, last = [], 0, -1
+    for k, n in zip(owner, segs_row):
+        pos = 0 if k != last else pos
+        starts.append(pos)
+        pos, last = pos + n, k
+    stats_segs, true = [], []
+    for r in range(world):
+        for k, o, n in zip(owner, starts, segs_row):
+            real = min(max(numels[k] - r * row_lengths[k], 0), row_lengths[k])
+            t = min(max(real - o, 0), n)
+            stats_segs += [t, n - t]
+            true.append(t)
+    dev = torch.device(device)
+    return (segs_row, stats_segs, torch.tensor(stats_segs, device=dev),
+            torch.tensor(true, dtype=torch.float64, device=dev), torch.tensor(owner * world, device=dev),
+            torch.tensor(owner, device=dev), torch.tensor(numels, dtype=torch.float64, device=dev))
+
+
 def row_scales(x: torch.Tensor, row_lengths: Sequence[int], numels: Sequence[int], world: int,
-                  clip_factor: Optional[float]) -> torch.Tensor:
-    """Per parameter of a reduce-scatter input (W rows of the parameters' chunks): the scale
-    ``min(max |g|, c * sigma)`` (sigma: population std over the parameter's true elements,
-    padding excluded), then a flag that is 1 where any element is not finite. float32 [L + 1]."""
-    segs = list(row_lengths) * world
-    absmax, std = ops.segment_stats(x, segs)
-    absmax_l = absmax.view(world, -1).amax(0)  # NaN propagates
-    scales = absmax_l
+               clip_factor: Optional[float], block: int = 0) -> Tuple[torch.Tensor, List[int]]:
+    """Scales for a reduce-scatter input (W rows, each the parameters' chunks in order), and
+    the segments of one row they apply to.
+
+    ``block = 0``: one scale per parameter, ``min(max |g|, c * sigma)`` over the whole
+    unsharded parameter (sigma: population std over its true elements, padding excluded), the
+    same for every row: float32 ``[L + 1]``. ``block > 0``: each parameter's row segment is cut
+    into blocks of ``block`` elements with one scale per (row, block), ``min(max |g| over the
+    block, c * sigma of the parameter)``: float32 ``[W * B + 1]``, row-major. The last element
+    is 1 where any element is not finite. One read of ``x`` (two with clipping); sigma combines
+    the true parts' means and spreads in float64 (Chan et al.'s pairwise formula), so neither a
+    large mean nor the padding cancels it away."""
+    segs_row, stats_segs, lengths, true, owner_all, owner, n = _row_constants(
+        tuple(int(k) for k in row_lengths), tuple(int(k) for k in numels), world, block, str(x.device))
+    absmax, std = ops.segment_stats(x, stats_segs)
+    absmax = absmax.view(world, -1, 2).amax(-1)  # per (row, block); NaN propagates
+    if block <= 0:
+        absmax = absmax.amax(0, keepdim=True)
+    scales = absmax
     if clip_factor is not None:
         xs = x if x.dtype == torch.float32 else x.float()
-        sums = torch.segment_reduce(xs, "sum", lengths=torch.tensor(segs, device=x.device)).double().view(world, -1)
-        count = torch.tensor(segs, dtype=torch.float64, device=x.device).view(world, -1)
-        sq = (count * (std.double().view(world, -1) ** 2 + (sums / count) ** 2)).sum(0)  # sum of squares
-        n = torch.tensor(list(numels), dtype=torch.float64, device=x.device)
-        mean = sums.sum(0) / n
-        sigma = (sq / n - mean * mean).clamp_min(0).sqrt().float()
-        scales = torch.where(sigma > 0, torch.minimum(absmax_l, clip_factor * sigma), absmax_l)
-    bad = (~torch.isfinite(absmax_l)).any().to(torch.float32).reshape(1)
-    return torch.cat([torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)), bad])
+        sums = torch.segment_reduce(xs, "sum", lengths=lengths).double().view(-1, 2)[:, 0]  # true parts
+        part_mean = sums / true.clamp_min(1)
+        part_m2 = true * std.double().view(-1, 2)[:, 0] ** 2
+        mean = torch.zeros_like(n).index_add_(0, owner_all, sums) / n
+        m2 = torch.zeros_like(n).index_add_(0, owner_all, part_m2 + true * (part_mean - mean[owner_all]) ** 2)
+        sigma = (m2 / n).clamp_min(0).sqrt().float()[owner]
+        scales = torch.where(sigma > 0, torch.minimum(absmax, clip_factor * sigma), absmax)
+    bad = (~torch.isfinite(absmax)).any().to(torch.float32).reshape(1)
+    scales = torch.where(torch.isfinite(scales), scales, torch.zeros_like(scales)).reshape(-1)
+    return torch.cat([scales, bad]), segs_row
 
 
 def fill_nan_where(out: torch.Tensor, flag: torch.Tensor) -> None:
@@ -211,6 +267,9 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     The bucket's exchange runs on the ordered executor of the state's process group (one order
     of collectives on every rank); the backward pass goes on meanwhile.
     """
+    if isinstance(bucket, tuple):  # DDP's Python reducer (compiled autograd): one parameter, in place
+        _reduce_parameter(state, *bucket)
+        return None
     state.require_registered()
     buf = bucket.buffer()
     index, step, lengths = bucket.index(), state.step, bucket_lengths(bucket)
@@ -235,6 +294,32 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     last = bucket.is_last()
     job = lambda: _reduce_bucket(state, index, step, x, lengths, buf, keys, last)  # noqa: E731
     return state.submit(job, buf)
+
+
+def _reduce_parameter(state: TernGradState, grad: torch.Tensor, param: torch.Tensor) -> None:
+    """DDP's Python reducer (``optimize_ddp="python_reducer"``, which compiled autograd needs)
+    calls the hook with one ``(grad, param)`` at a time and ignores its result: average that
+    parameter's gradient now, in place, as a bucket of one (its own stream: the parameter's
+    position and its own count of reductions)."""
+    state.require_registered()
+    key = state.param_key(param)
+    index = PARAM_INDEX_BASE + state.param_index(param)
+    step = state.param_steps.get(key, 0)
+    state.param_steps[key] = step + 1
+    state.step = max(state.step, step + 1)
+    flat = grad.detach().reshape(-1)
+    buf = flat if flat.data_ptr() == grad.data_ptr() and grad.is_contiguous() else flat.clone()
+    if buf.dtype == torch.float32 and not state.error_feedback:
+        x = buf
+    else:
+        x = state.buffers.scope(index).get("x", buf.numel(), torch.float32, buf.device)
+        x.copy_(buf)
+    keys = [key] if state.error_feedback else []
+    if keys and key in state.residuals:
+        x += state.residuals[key].to(x.device)
+    state.submit(lambda: _reduce_bucket(state, index, step, x, [x.numel()], buf, keys), buf).wait()
+    if buf.data_ptr() != grad.data_ptr():
+        grad.copy_(buf.view_as(grad))
 
 
 def _reduce_bucket(state: TernGradState, index: int, step: int, x: torch.Tensor,

@@ -41,32 +41,25 @@ Example: ``fully_shard`` each block, then the root; ``state = commcomp.register(
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from commcomp import collectives, perfmodel
-from commcomp.collectives.buffers import BufferPool
+from commcomp import perfmodel
 from commcomp.core import HookState, Option
 from commcomp.utils import mix_seed, validate
-from commcomp.utils.metrics import ring_allreduce_bytes
 
-from .terngrad import COLLECTIVE_NAMES, _scales, fill_nan_where, row_scales
+from .terngrad import COLLECTIVE_NAMES
+from .terngrad_fsdp_collective import FP32_FSDP, FSDPModule, TernGradReduceScatter
 
 logger = logging.getLogger(__name__)
 
-FP32_FSDP = "bytes_sent_fp32_fsdp"  # what FSDP2's fp32 reduce-scatter (and HSDP all-reduce) would send
 PROBE_BYTES = "bytes_link_probe"
-
-try:  # FSDP2's custom-collective interface (torch >= 2.8)
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
-except ImportError:  # pragma: no cover - older torch
-    FSDPModule = None
-    _ReduceScatterBase = object
 
 
 def fsdp_available() -> bool:
@@ -115,6 +108,11 @@ class TernGradFSDPState(HookState):
         error_feedback: must be False under FSDP (see the module's docs).
         min_compress_numel: parameters with fewer elements are reduced exactly.
         seed: base of every rank's random stream; must be the same on all ranks.
+        scale_block: 0 (default): one scale per parameter, as in the paper. ``B > 0``: one scale
+            per block of B elements of each parameter's row (max |g| over the block, still
+            clipped at ``c * sigma`` of the whole parameter), as QSGD's buckets and CGX's
+            ``bucket_size``: lower variance for 4 bytes per B elements more in the scales'
+            all-reduce. Under HSDP the replicate collective uses the same blocks.
         link: a :class:`commcomp.perfmodel.LinkModel` for ``collective="auto"`` under HSDP
             (None: measured on the replicate group at registration).
     """
@@ -126,13 +124,14 @@ class TernGradFSDPState(HookState):
         Option("error_feedback", _no_error_feedback),
         Option("min_compress_numel", partial(validate.integer, low=0)),
         Option("seed", validate.seed),
+        Option("scale_block", partial(validate.integer, low=0)),
     )
 
     def __init__(self, process_group=None, replicate_group=None, clip_factor: Optional[float] = 2.5,
                  collective: str = "auto", error_feedback: bool = False, min_compress_numel: int = 1024,
-                 seed: int = 0, link: Optional[perfmodel.LinkModel] = None):
+                 seed: int = 0, scale_block: int = 0, link: Optional[perfmodel.LinkModel] = None):
         self._set_options(clip_factor=clip_factor, collective=collective, error_feedback=error_feedback,
-                          min_compress_numel=min_compress_numel, seed=seed)
+                          min_compress_numel=min_compress_numel, seed=seed, scale_block=scale_block)
         super().__init__(process_group, byte_counters=(FP32_FSDP, PROBE_BYTES))
         self.replicate_group = replicate_group
         self.replicate_world = 1 if replicate_group is None else dist.get_world_size(replicate_group)
@@ -140,8 +139,12 @@ class TernGradFSDPState(HookState):
         self.link = link
         self.comms: List[TernGradReduceScatter] = []
         self.calls: List[int] = []  # reduce-scatters per module (key the random streams)
-        self.buffers = BufferPool()
-        self._replicate_choice: Dict[int, str] = {}
+        self.replicate_calls: List[int] = []  # HSDP replicate all-reduces per module (their own streams)
+        # "auto" under HSDP asks the performance model with this host's calibration, read once
+        # here and checked across the replicas (different files could pick different collectives)
+        self._calibration = (perfmodel.load_calibration()
+                             if collective == "auto" and replicate_group is not None else None)
+        self.choices: Dict[int, str] = {}  # shard numel -> the replicate collective (saved)
 
     # -- registration
     @staticmethod
@@ -189,18 +192,44 @@ class TernGradFSDPState(HookState):
         if not comms:
             raise ValueError("commcomp terngrad: the model has no FSDP module that owns parameters; "
                              "call fully_shard on it (and its blocks) first")
+        if self.replicate_group is not None:
+            mine = set(dist.get_process_group_ranks(self.replicate_group))
+            shard = set(dist.get_process_group_ranks(self.process_group))
+            if mine & shard != {dist.get_rank()}:
+                raise ValueError(
+                    f"commcomp terngrad: replicate_group {sorted(mine)} and the shard group {sorted(shard)} share ranks "
+                    f"{sorted(mine & shard)}; they must meet in this rank only (the two dimensions of one mesh: "
+                    "mesh['replicate'].get_group() with fully_shard(..., mesh=mesh['shard']))")
         self.comms = comms
         self.calls = [0] * len(comms)
+        self.replicate_calls = [0] * len(comms)
+
+    @staticmethod
+    def device_of(model) -> torch.device:
+        """Where the FSDP group's collectives run (not the parameters' device: CPU offload)."""
+        for module in model.modules():
+            if is_fsdp_model(module):
+                groups = _param_groups(module)
+                if groups:
+                    return groups[0].device
+        return torch.device("cpu")
 
     def _shared_extra(self) -> dict:
-        return {"modules": [[c.fqn, c.numels] for c in self.comms], "replicate_world": self.replicate_world,
-                "link": None if self.link is None else [self.link.bandwidth_bytes_per_s, self.link.latency_s]}
+        extra = {"modules": [[c.fqn, c.numels] for c in self.comms], "replicate_world": self.replicate_world,
+                 "link": None if self.link is None else [self.link.bandwidth_bytes_per_s, self.link.latency_s]}
+        if self._calibration is not None:
+            extra["auto_collective_calibration"] = [self._calibration.get(k) for k in (
+                "seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")]
+        return extra
 
     def check_options(self, device) -> None:
+        """Once, on every rank: the options agree across the shard group, or under HSDP across
+        the whole world (one all-gather, so no rank is left waiting in a second check)."""
         first = not self._options_checked
-        super().check_options(device)
-        if first and self.replicate_group is not None:  # the replicas too (a collective on that group)
-            self.check_across_ranks(self.replicate_group, device, hook=self.name, world_size=self.world_size)
+        if first:
+            group = dist.group.WORLD if self.replicate_group is not None else self.process_group
+            self.check_across_ranks(group, device, hook=self.name, world_size=self.world_size)
+            self._options_checked = True
         if first and self.replicate_group is not None and self.collective == "auto" and self.link is None \
                 and self.replicate_world > 1:
             self.link, sent = perfmodel.measure_link(self.replicate_group, device)
@@ -214,18 +243,28 @@ class TernGradFSDPState(HookState):
                 comm.module.set_all_reduce_hook(comm.all_reduce_hook)
 
     def close(self, timeout: float = 10.0) -> bool:
+        """Give every module FSDP2's own reduce-scatter back (and drop the HSDP hook): the model
+        trains on uncompressed, and may be registered again. Every rank must close."""
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
         done = super().close(timeout)
-        self.buffers.clear()
+        for comm in self.comms:
+            if comm.module_group._reduce_scatter_comm is comm:
+                comm.module.set_custom_reduce_scatter(DefaultReduceScatter())
+            if getattr(comm.module_group, "_all_reduce_hook", None) == comm.all_reduce_hook:
+                comm.module_group._all_reduce_hook = None  # FSDP2 has no public way to unset it
         return done
 
     def replicate_collective(self, numel: int) -> str:
-        if numel not in self._replicate_choice:
+        """The HSDP replicate collective for a shard of ``numel`` elements: the option, or under
+        ``"auto"`` the performance model's choice (kept for the run, saved in checkpoints)."""
+        if numel not in self.choices:
             name = self.collective
             if name == "auto":
                 link = self.link if self.link is not None else perfmodel.LinkModel()
-                name = perfmodel.choose(numel, self.replicate_world, link)
-            self._replicate_choice[numel] = name
-        return self._replicate_choice[numel]
+                name = perfmodel.choose(numel, self.replicate_world, link, calibration=self._calibration)
+            self.choices[numel] = name
+        return self.choices[numel]
 
     # -- metrics
     def compression_ratio(self) -> float:
@@ -239,14 +278,19 @@ class TernGradFSDPState(HookState):
 
     # -- checkpoints (also a DCP ``Stateful``: dcp.save({"commcomp": state, ...}))
     def _extra_state(self) -> dict:
-        return {"calls": list(self.calls)}
+        # The HSDP link and choices vary in shape: one JSON string, a single leaf for DCP (which
+        # loads only the keys the destination state dict already has)
+        hsdp = {"link": None if self.link is None else dataclasses.asdict(self.link),
+                "choices": [[numel, name] for numel, name in sorted(self.choices.items())]}
+        return {"calls": list(self.calls), "replicate_calls": list(self.replicate_calls), "hsdp": json.dumps(hsdp)}
 
     def _load_extra_state(self, extra: dict) -> None:
-        calls = [int(c) for c in extra.get("calls", [])]
-        if len(calls) != len(self.comms):
-            raise ValueError(f"commcomp terngrad: the checkpoint counts {len(calls)} FSDP modules, this model has "
-                             f"{len(self.comms)}; resume with the model the checkpoint was made with")
-        self.calls = calls
+        self.calls = [int(c) for c in extra["calls"]]
+        self.replicate_calls = [int(c) for c in extra.get("replicate_calls", [0] * len(self.calls))]
+        hsdp = json.loads(extra.get("hsdp", "{}"))
+        if hsdp.get("link") is not None:  # the run goes on with the link and choices it had
+            self.link = perfmodel.LinkModel(**hsdp["link"])
+        self.choices = {int(n): str(c) for n, c in hsdp.get("choices", [])}
 
     def load_state_dict(self, state: dict) -> None:
         calls = state.get("calls", [])
@@ -254,134 +298,6 @@ class TernGradFSDPState(HookState):
             raise ValueError(f"commcomp terngrad: the checkpoint counts {len(calls)} FSDP modules, this model has "
                              f"{len(self.comms)}; resume with the model the checkpoint was made with")
         super().load_state_dict(state)
-
-
-class TernGradReduceScatter(_ReduceScatterBase):
-    """FSDP2's reduce-scatter of one module, as TernGrad 2-bit codes (see the module docs).
-    Built by :class:`TernGradFSDPState`; FSDP2 calls it once per backward that syncs."""
-
-    def __init__(self, state: TernGradFSDPState, index: int, fqn: str, module, module_group):
-        self.state, self.index, self.fqn = state, index, fqn
-        self.module, self.module_group = module, module_group
-        params = module_group.fsdp_params
-        self.row_lengths = [int(p.padded_sharded_param_size.numel()) for p in params]
-        self.numels = [int(p._orig_size.numel()) for p in params]
-        self._warned = False
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def _layout(self, rows: int) -> Tuple[List[int], List[int]]:
-        """Per-parameter row lengths and true sizes; one segment if the input holds only some
-        parameters (those without a gradient this backward are left out by FSDP2)."""
-        if sum(self.row_lengths) == rows:
-            return self.row_lengths, self.numels
-        if not self._warned:
-            logger.info("commcomp terngrad: FSDP module %r reduce-scatters a subset of its parameters; "
-                        "one scale for the module's whole gradient", self.fqn)
-            self._warned = True
-        return [rows], [rows * self.state.world_size]
-
-    def _divide(self, op, world: int) -> float:
-        if op == dist.ReduceOp.AVG:
-            return float(world)
-        if op == dist.ReduceOp.SUM:
-            return 1.0
-        factor = self.module_group.gradient_divide_factor  # a PREMUL_SUM(1 / factor)
-        if factor is None:
-            raise ValueError(f"commcomp terngrad: FSDP2 asked for a reduce op {op!r} this reduce-scatter does not know")
-        return float(factor)
-
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
-                 async_op: bool = False):
-        state = self.state
-        state.require_registered()
-        world = dist.get_world_size(group)
-        rows = input_tensor.numel() // world
-        row_lengths, numels = self._layout(rows)
-        divide = self._divide(op, world)
-        call = state.calls[self.index]
-        x = input_tensor.reshape(-1)
-        stats = row_scales(x, row_lengths, numels, world, state.clip_factor)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-        metrics = state.metrics
-        metrics.sent(ring_allreduce_bytes(4 * stats.numel(), world))
-        metrics.add((world - 1) * rows * 4, FP32_FSDP)
-        metrics.fp32_allreduce(x.numel(), world)
-        raw = [k for k, n in enumerate(numels) if 0 < n < state.min_compress_numel]
-        if len(raw) < len(numels):
-            scratch = state.buffers.scope(("rs", self.index))
-            enc = collectives.Encoding(stats[:-1].contiguous(), row_lengths, state.seed_for(self.index, call))
-            launched = collectives.reduce_scatter_packed(x, enc, group, out=output_tensor, divide=divide,
-                                                         scratch=scratch)
-            metrics.sent(launched.bytes_sent)
-            launched.future.wait()
-        if raw:
-            self._exact(x, output_tensor, row_lengths, raw, world, divide, group)
-        fill_nan_where(output_tensor, stats[-1])
-        state.calls[self.index] = call + 1
-        state.step = max(state.step, call + 1)
-        return None
-
-    def _exact(self, x, out, row_lengths, ks, world, divide, group) -> None:
-        """Reduce-scatter the small parameters' columns exactly (fp32 sums)."""
-        bounds = [0]
-        for n in row_lengths:
-            bounds.append(bounds[-1] + n)
-        rows = bounds[-1]
-        grid = x.view(world, rows)
-        cols = torch.cat([grid[:, bounds[k]:bounds[k + 1]] for k in ks], dim=1).float().contiguous()
-        part = torch.empty(cols.shape[1], dtype=torch.float32, device=x.device)
-        dist.reduce_scatter_tensor(part, cols.view(-1), op=dist.ReduceOp.SUM, group=group)
-        self.state.metrics.sent((world - 1) * part.numel() * 4)
-        if divide != 1:
-            part.div_(divide)
-        pos = 0
-        for k in ks:
-            n = row_lengths[k]
-            out[bounds[k]:bounds[k + 1]] = part[pos:pos + n]
-            pos += n
-
-    def all_reduce_hook(self, shard: torch.Tensor) -> None:
-        """HSDP: average this module's shard over the replicate group with a ternary collective,
-        in place (FSDP2 calls it after the reduce-scatter, before its post-divide)."""
-        state = self.state
-        group, world = state.replicate_group, state.replicate_world
-        if world == 1:
-            return
-        call = state.calls[self.index] - 1  # the reduce-scatter of this backward counted it
-        rows = shard.numel()
-        row_lengths, numels = self._layout(rows)
-        bounds = [0]
-        for n in row_lengths:
-            bounds.append(bounds[-1] + n)
-        stats = _scales(shard, row_lengths, state.clip_factor)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-        metrics = state.metrics
-        metrics.sent(ring_allreduce_bytes(4 * stats.numel(), world))
-        metrics.add(ring_allreduce_bytes(4 * rows, world), FP32_FSDP)
-        raw = [k for k, n in enumerate(numels) if 0 < n < state.min_compress_numel]
-        raw_x = None
-        if raw:  # read before the ternary decode writes over the shard
-            raw_x = torch.cat([shard[bounds[k]:bounds[k + 1]] for k in raw]).float()
-        if len(raw) < len(numels):
-            name = state.replicate_collective(rows)
-            enc = collectives.Encoding(stats[:-1].contiguous(), row_lengths, state.seed_for(self.index, call, 1))
-            kwargs = {"seed2": state.seed_for(self.index, call, 2)} if name == "two_phase" else {}
-            launched = collectives.pipelined(name, shard, enc, group, piece_numel=0, out=shard,
-                                             scratch=state.buffers.scope(("ar", self.index)), **kwargs)
-            metrics.sent(launched.bytes_sent)
-            launched.future.wait()
-        if raw_x is not None:
-            dist.all_reduce(raw_x, group=group)
-            metrics.sent(ring_allreduce_bytes(4 * raw_x.numel(), world))
-            raw_x.div_(world)
-            pos = 0
-            for k in raw:
-                n = row_lengths[k]
-                shard[bounds[k]:bounds[k + 1]] = raw_x[pos:pos + n]
-                pos += n
-        fill_nan_where(shard, stats[-1])
 
 
 __all__ = ["FP32_FSDP", "TernGradFSDPState", "TernGradReduceScatter", "fsdp_available", "is_fsdp_model"]
