@@ -71,6 +71,21 @@ def _agree(ok: bool, group, device) -> list:
     return [r for r, f in enumerate(flags) if int(f.item())]
 
 
+def _build(state_cls, group, model, options):
+    """``state_cls(process_group=group, **options)`` attached to ``model``, or the error that
+    stopped it (raised by the caller once every rank knows; a state built but refused by
+    ``attach`` is closed: threads it started must not outlive it)."""
+    state = None
+    try:
+        state = state_cls(process_group=group, **options)
+        state.attach(model)
+        return state, None
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller, after every rank knows
+        if state is not None:
+            state.close(timeout=5.0)
+        return None, exc
+
+
 def register(model, state_cls, hook: Callable, **options) -> HookState:
     """Create ``state_cls(**options)`` on the hooks' own group for the model's DDP group,
     attach it to ``model`` (which may refuse the model's DDP mode), check its options across
@@ -84,12 +99,7 @@ def register(model, state_cls, hook: Callable, **options) -> HookState:
     group = hook_group(options.pop("process_group", None) or model.process_group)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    state, error = None, None
-    try:
-        state = state_cls(process_group=group, **options)
-        state.attach(model)
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
-        error = exc
+    state, error = _build(state_cls, group, model, options)
     failed = _agree(error is None, group, device)
     try:
         if error is not None:
@@ -120,12 +130,7 @@ def register_fsdp(model, state_cls, **options) -> HookState:
         raise TypeError("commcomp: under FSDP the process group is the FSDP mesh's shard group; do not pass "
                         "process_group (HSDP: pass replicate_group)")
     device = state_cls.device_of(model)
-    state, error = None, None
-    try:
-        state = state_cls(process_group=shard, **options)
-        state.attach(model)
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
-        error = exc
+    state, error = _build(state_cls, shard, model, options)
     # Under HSDP the ranks span several shard groups: agree over the whole world, so a failure
     # in one shard group (or one replica's options) raises everywhere instead of leaving the
     # others waiting in the next collective.

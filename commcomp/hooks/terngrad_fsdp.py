@@ -16,9 +16,9 @@ on every rank:
    and writes ``sum * s / divide`` into its shard: the average for FSDP2's AVG op, the sum for
    SUM (FSDP2 then divides, e.g. for fp16), ``sum / factor`` for ``set_gradient_divide_factor``.
 
-Parameters under ``min_compress_numel`` elements are reduce-scattered exactly (fp32 or the
-reduce dtype). If any rank's gradient holds NaN/Inf, the module's shard is NaN on every rank.
-FSDP2's own accumulation (``set_requires_gradient_sync(False)``), reduce dtype
+Parameters under ``min_compress_numel`` elements are reduce-scattered exactly (in fp32). If
+any rank's gradient holds NaN/Inf, the module's shard is NaN on every rank. FSDP2's own
+accumulation (``set_requires_gradient_sync(False)``), reduce dtype
 (``MixedPrecisionPolicy(reduce_dtype=...)``) and divide factors apply unchanged: the
 compressed collective replaces only the reduce-scatter call.
 
@@ -28,7 +28,8 @@ result), so that all-reduce cannot be compressed from outside in torch 2.13. Sha
 shard mesh instead and pass ``replicate_group=mesh["replicate"].get_group()``: the state then
 averages each shard over the replicate group in ``set_all_reduce_hook`` with a ternary
 collective (``collective``: ``"two_phase"``, ``"int8"``, ``"allgather"``; ``"auto"`` asks the
-performance model). A 2-D mesh is refused with that advice.
+performance model); with a gradient divide factor it sums over the replicas, as native HSDP
+does. A 2-D mesh is refused with that advice.
 
 **Error feedback** is not offered: the residual is what *this rank* dropped encoding its
 *unsharded* gradient, a tensor as large as each module's unsharded gradient kept on every rank
@@ -111,8 +112,9 @@ class TernGradFSDPState(HookState):
         scale_block: 0 (default): one scale per parameter, as in the paper. ``B > 0``: one scale
             per block of B elements of each parameter's row (max |g| over the block, still
             clipped at ``c * sigma`` of the whole parameter), as QSGD's buckets and CGX's
-            ``bucket_size``: lower variance for 4 bytes per B elements more in the scales'
-            all-reduce. Under HSDP the replicate collective uses the same blocks.
+            ``bucket_size``: lower variance, for a ring all-reduce of W * R / B scales (about
+            8 / B bytes per unsharded element per rank). Under HSDP the replicate collective
+            uses the same blocks.
         link: a :class:`commcomp.perfmodel.LinkModel` for ``collective="auto"`` under HSDP
             (None: measured on the replicate group at registration).
     """

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from commcomp import collectives
 from commcomp.utils.metrics import ring_allreduce_bytes
 
-from .terngrad import _scales, blocks_of, fill_nan_where, row_scales
+from .terngrad import _scales, _scatter, blocks_of, fill_nan_where, row_scales
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
         self.state.metrics.sent((world - 1) * part.numel() * 4)
         if divide != 1:
             part.div_(divide)
-        pos = 0
-        for k in ks:
-            n = row_lengths[k]
-            out[bounds[k]:bounds[k + 1]] = part[pos:pos + n]
-            pos += n
+        _scatter(out, part, ks, bounds)
 
     def all_reduce_hook(self, shard: torch.Tensor) -> None:
         """HSDP: reduce this module's shard over the replicate group with a ternary collective,
@@ -157,11 +153,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
             metrics.sent(ring_allreduce_bytes(4 * raw_x.numel(), world))
             if self.module_group.gradient_divide_factor is None:
                 raw_x.div_(world)
-            pos = 0
-            for k in raw:
-                n = row_lengths[k]
-                shard[bounds[k]:bounds[k + 1]] = raw_x[pos:pos + n]
-                pos += n
+            _scatter(shard, raw_x, raw, bounds)
         fill_nan_where(shard, stats[-1])
 
 
