@@ -64,6 +64,10 @@ def _decode_sums(sums: torch.Tensor, enc: Encoding, world: float,
     elif out is not sums:
         out.copy_(sums)  # exact (|sums| <= W); a plain cast is ~5x faster than a mixed-dtype mul
     lengths = [out.numel()] if enc.lengths is None else [int(n) for n in enc.lengths]
+    if len(lengths) > 64:  # many segments (blocks): one expanded multiply, not two kernels per segment
+        counts = torch.tensor(lengths, device=out.device)
+        out.mul_(torch.repeat_interleave(enc.scales.reshape(-1).to(out.dtype), counts, output_size=out.numel()))
+        return out.div_(world)
     for part, scale in zip(torch.split(out, lengths), enc.scales.reshape(-1)):
         part.mul_(scale).div_(world)
     return out

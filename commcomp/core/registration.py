@@ -71,6 +71,14 @@ def _agree(ok: bool, group, device) -> list:
     return [r for r, f in enumerate(flags) if int(f.item())]
 
 
+def _agree_grid(ok: bool, groups, device) -> bool:
+    """True on every rank if any rank of the grid spanned by ``groups`` failed: one
+    :func:`_agree` round per group, each carrying what the previous rounds learned."""
+    for group in groups:
+        ok = not _agree(ok, group, device) and ok
+    return not ok
+
+
 def _build(state_cls, group, model, options):
     """``state_cls(process_group=group, **options)`` attached to ``model``, or the error that
     stopped it (raised by the caller once every rank knows; a state built but refused by
@@ -123,31 +131,37 @@ def register_fsdp(model, state_cls, **options) -> HookState:
     group, from state_cls.process_group_of(model)>, **options)`` finds the model's FSDP
     modules (``attach``), every rank agrees, the options are checked across ranks, then
     ``state.install()`` sets the custom collectives. A failure on any rank raises on every
-    rank (of the shard group; of the world under HSDP, ``replicate_group=...``) and leaves
-    every module with FSDP2's own collectives."""
+    rank (of the shard group; under HSDP, ``replicate_group=...``, of the grid of shard and
+    replicate groups) and leaves every module with the collectives it had."""
     shard = state_cls.process_group_of(model)  # raises if the model has no sharded parameters
     if "process_group" in options:
         raise TypeError("commcomp: under FSDP the process group is the FSDP mesh's shard group; do not pass "
                         "process_group (HSDP: pass replicate_group)")
     device = state_cls.device_of(model)
     state, error = _build(state_cls, shard, model, options)
-    # Under HSDP the ranks span several shard groups: agree over the whole world, so a failure
-    # in one shard group (or one replica's options) raises everywhere instead of leaving the
-    # others waiting in the next collective.
-    agree_on = dist.group.WORLD if options.get("replicate_group") is not None else shard
-    failed = _agree(error is None, agree_on, device)
-    if error is None and not failed:
+    # Under HSDP the ranks form a grid of shard and replicate groups: each agreement takes one
+    # round over the shard group and one over the replicate group, which reaches every rank of
+    # the grid, so a failure anywhere raises everywhere and no rank waits in a collective the
+    # others skipped. (Not over the whole world: it may hold other meshes, e.g. pipeline stages.)
+    groups = [shard] + ([options["replicate_group"]] if options.get("replicate_group") is not None else [])
+    failed = _agree_grid(error is None, groups, device)
+    for check in ("check_options", "check_replicas"):
+        if error is not None or failed:
+            break
         try:
-            state.check_options(device)
+            getattr(state, check, lambda device: None)(device)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
             error = exc
-        if agree_on is not shard:
-            failed = _agree(error is None, agree_on, device)
+        failed = _agree_grid(error is None, groups, device)
     if error is not None:
+        if state is not None:
+            state.close(timeout=5.0)
         raise error
     if failed:
+        if state is not None:
+            state.close(timeout=5.0)
         raise RuntimeError(f"commcomp: registering the {getattr(state_cls, 'name', state_cls.__name__)!r} hook on the "
-                           f"FSDP model failed on rank(s) {failed} (their error says why); no rank registered it")
+                           "FSDP model failed on another rank (its error says why); no rank registered it")
     state.install()
     state.registered = True
     return state

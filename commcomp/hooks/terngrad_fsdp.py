@@ -224,37 +224,46 @@ class TernGradFSDPState(HookState):
                 "seconds_per_pass_element", "fixed_s", "ranks_per_host", "cores")]
         return extra
 
-    def check_options(self, device) -> None:
-        """Once, on every rank: the options agree across the shard group, or under HSDP across
-        the whole world (one all-gather, so no rank is left waiting in a second check)."""
-        first = not self._options_checked
-        if first:
-            group = dist.group.WORLD if self.replicate_group is not None else self.process_group
-            self.check_across_ranks(group, device, hook=self.name, world_size=self.world_size)
-            self._options_checked = True
-        if first and self.replicate_group is not None and self.collective == "auto" and self.link is None \
-                and self.replicate_world > 1:
+    def check_replicas(self, device) -> None:
+        """HSDP, after :meth:`check_options` (the shard group's check), on every rank: the
+        options agree across the replicate group too, every member of it holds the same shard
+        position (else different chunks would be averaged), and ``"auto"`` measures its link."""
+        if self.replicate_group is None:
+            return
+        self.check_across_ranks(self.replicate_group, device, hook=self.name, world_size=self.world_size)
+        position = torch.tensor([dist.get_rank(self.process_group)], dtype=torch.int64, device=device)
+        every = [torch.zeros_like(position) for _ in range(self.replicate_world)]
+        dist.all_gather(every, position, group=self.replicate_group)
+        positions = [int(t.item()) for t in every]
+        if len(set(positions)) != 1:
+            raise ValueError(
+                f"commcomp terngrad: the replicate group's members hold shard positions {positions} of their shard "
+                "groups; they must all hold the same one (the replicate dimension of one mesh: "
+                "mesh['replicate'].get_group() with fully_shard(..., mesh=mesh['shard'])), else different chunks "
+                "would be averaged")
+        if self.collective == "auto" and self.link is None and self.replicate_world > 1:
             self.link, sent = perfmodel.measure_link(self.replicate_group, device)
             self.metrics.add(sent, PROBE_BYTES)
 
     def install(self) -> None:
         """Set the compressed reduce-scatter (and under HSDP the replicate hook) on every module."""
         for comm in self.comms:
+            comm.previous = (comm.module_group._reduce_scatter_comm, getattr(comm.module_group, "_all_reduce_hook", None))
             comm.module.set_custom_reduce_scatter(comm)
             if self.replicate_group is not None:
                 comm.module.set_all_reduce_hook(comm.all_reduce_hook)
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Give every module FSDP2's own reduce-scatter back (and drop the HSDP hook): the model
-        trains on uncompressed, and may be registered again. Every rank must close."""
-        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-
+        """Give every module the reduce-scatter and all-reduce hook it had before (FSDP2's own,
+        unless the user had set others): the model trains on uncompressed, and may be registered
+        again. Every rank must close, between steps (a backward in flight would raise)."""
         done = super().close(timeout)
         for comm in self.comms:
-            if comm.module_group._reduce_scatter_comm is comm:
-                comm.module.set_custom_reduce_scatter(DefaultReduceScatter())
+            previous_comm, previous_hook = getattr(comm, "previous", (None, None))
+            if comm.module_group._reduce_scatter_comm is comm and previous_comm is not None:
+                comm.module_group._reduce_scatter_comm = previous_comm  # as set_custom_reduce_scatter does
             if getattr(comm.module_group, "_all_reduce_hook", None) == comm.all_reduce_hook:
-                comm.module_group._all_reduce_hook = None  # FSDP2 has no public way to unset it
+                comm.module_group._all_reduce_hook = previous_hook  # FSDP2 has no public way to unset it
         return done
 
     def replicate_collective(self, numel: int) -> str:
@@ -288,7 +297,7 @@ class TernGradFSDPState(HookState):
 
     def _load_extra_state(self, extra: dict) -> None:
         self.calls = [int(c) for c in extra["calls"]]
-        self.replicate_calls = [int(c) for c in extra.get("replicate_calls", [0] * len(self.calls))]
+        self.replicate_calls = [int(c) for c in extra.get("replicate_calls", self.calls)]
         hsdp = json.loads(extra.get("hsdp", "{}"))
         if hsdp.get("link") is not None:  # the run goes on with the link and choices it had
             self.link = perfmodel.LinkModel(**hsdp["link"])

@@ -124,6 +124,7 @@ class TernGradReduceScatter(_ReduceScatterBase):
             return
         call = state.replicate_calls[self.index]  # its own count: FSDP2 skips a reduce-scatter over 1 rank
         state.replicate_calls[self.index] = call + 1
+        state.step = max(state.step, call + 1)
         rows = shard.numel()
         row_lengths, numels = self._layout(rows)
         bounds = [0]
