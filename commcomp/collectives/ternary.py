@@ -64,10 +64,6 @@ def _decode_sums(sums: torch.Tensor, enc: Encoding, world: float,
     elif out is not sums:
         out.copy_(sums)  # exact (|sums| <= W); a plain cast is ~5x faster than a mixed-dtype mul
     lengths = [out.numel()] if enc.lengths is None else [int(n) for n in enc.lengths]
-    if len(lengths) > 64:  # many segments (blocks): one expanded multiply, not two kernels per segment
-        counts = torch.tensor(lengths, device=out.device)
-        out.mul_(torch.repeat_interleave(enc.scales.reshape(-1).to(out.dtype), counts, output_size=out.numel()))
-        return out.div_(world)
     for part, scale in zip(torch.split(out, lengths), enc.scales.reshape(-1)):
         part.mul_(scale).div_(world)
     return out
@@ -219,7 +215,11 @@ def reduce_scatter_packed(x: torch.Tensor, enc: Encoding, group=None, *, out: to
     def decode(f: Deferred) -> torch.Tensor:
         sums = out if out.dtype == torch.float32 else scratch.get("sums", rows, torch.float32, x.device)
         _accumulate_into(sums, rows, x.device, f.value(), ones.view(world, -1), lengths, 1)  # integer sums
-        _decode_sums(sums, Encoding(mine, lengths, enc.seed), divide, out=sums)
+        if len(lengths) > 64:  # many blocks: one expanded multiply, not two kernels per block
+            counts = torch.tensor(lengths, device=x.device)
+            sums.mul_(torch.repeat_interleave(mine, counts, output_size=rows)).div_(divide)
+        else:
+            _decode_sums(sums, Encoding(mine, lengths, enc.seed), divide, out=sums)
         if sums is not out:
             out.copy_(sums)
         return out
