@@ -91,6 +91,22 @@ class Schedule(abc.ABC):
                                 "the straggler pattern broke the scheme's model")
         return job
 
+    def skip(self, r: int) -> Optional[int]:
+        """Record round ``r`` as not run (nobody assigned, nobody returned); returns the job due,
+        as :meth:`record` does (SR-SGC's tail rounds, :meth:`Master.skip
+        <commcomp.coding.master.Master.skip>`)."""
+        if r != self._next:
+            raise ValueError(f"skip round {self._next} next, got {r}")
+        self._grow(r)
+        return self.record(r, np.zeros(self.n, dtype=bool))
+
+    def decodable_early(self, job: int) -> bool:
+        """Whether ``job`` already decodes from the rounds recorded so far (before its due round)."""
+        if job < 0:
+            return False
+        self._grow(job + self.T)
+        return self._decodable(job)
+
     @abc.abstractmethod
     def _plan(self, r: int) -> None:
         """Fill in what each worker computes in round r (each scheme's own layout)."""

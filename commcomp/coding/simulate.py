@@ -17,11 +17,13 @@ paper's:
 ``uncoded`` always waits for the slowest worker; ``ignore`` (ignore stragglers) waits for the
 (n - s)-th fastest worker and never waits for all.
 
-Differences from the authors' code, on purpose (see docs/stragglers.md): their GC moves on only
-with *fewer than* s stragglers (``sum < s``); ours tolerates up to s, as GC is designed to (so
-our GC(s) is their GC(s + 1) at load (s + 1) / n). Their SR-SGC ends a fitting round at ``wait``
-even when nobody straggled; ours at ``min(wait, slowest)`` as their GC and M-SGC do. Their
-"no wait" baseline ends every round at ``wait``; our ``ignore`` waits for the fastest n - s.
+The round rule (:class:`~commcomp.coding.master.Master`) follows the authors' *final* files
+(commit fab1280), including SR-SGC's exemption of rounds with at most s stragglers and no
+repetition (b6ee48f) and its skipping of tail rounds whose job already decodes (d663187). One
+deliberate correction, switchable with ``authors=True``: their GC moves on only with *fewer than*
+s stragglers (``sum < s``); ours tolerates up to s, as GC is designed to (so our GC(s) is their
+GC(s + 1) at load (s + 1) / n). Their "no wait" baseline ends every round at ``wait``; our
+``ignore`` waits for the fastest n - s (a different baseline, not a correction).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
-from commcomp.coding.sequential import SCHEMES, make_scheme
+from commcomp.coding.master import Master
+from commcomp.coding.sequential import SCHEMES
 
 __all__ = ["Result", "simulate", "search", "param_grid", "default_n_jobs"]
 
@@ -76,7 +79,8 @@ def _prepare(durations, mu, base_comp, trace_load):
 
 
 def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: Optional[int] = None,
-             mu: float = 1.0, base_comp: float = 0.0, trace_load: float = 0.0, check: bool = True) -> Result:
+             mu: float = 1.0, base_comp: float = 0.0, trace_load: float = 0.0, check: bool = True,
+             authors: bool = False, srsgc_exemption: bool = True, srsgc_skip_tail: bool = True) -> Result:
     """Runtime of ``scheme`` (``uncoded``, ``ignore``, ``gc``, ``srsgc``, ``msgc``) with ``params``
     (``{"s": s}`` or ``{"B": B, "W": W, "lambd": lambd}``) on ``durations[round, worker]``.
 
@@ -84,15 +88,21 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
     ``mu``: the master waits ``fastest x (1 + mu)`` each round. ``base_comp``: seconds one unit of
     normalized load costs a worker; ``trace_load``: the load the durations were measured at.
     ``check``: also run the scheme's job bookkeeping and raise
-    :class:`~commcomp.coding.sequential.DecodingError` if a job could not be decoded.
+    :class:`~commcomp.coding.sequential.DecodingError` if a job could not be decoded (SR-SGC
+    always runs it: its round rule depends on it).
+    ``authors``, ``srsgc_exemption``, ``srsgc_skip_tail``: the round rule's switches
+    (:class:`~commcomp.coding.master.Master`): ``authors=True`` gives the authors' final code
+    exactly (their GC moves on with fewer than s stragglers).
 
     Example: ``simulate(load_trace(f).durations, "msgc", {"B": 1, "W": 3, "lambd": 20}, n_jobs=10,
     mu=1.0, base_comp=2.2, trace_load=0.25).runtime``
     """
     d = _prepare(durations, mu, base_comp, trace_load)
     rounds, n = d.shape
-    sch = make_scheme(scheme, n, **(params or {}))
     n_jobs = default_n_jobs(rounds) if n_jobs is None else int(n_jobs)
+    master = Master(scheme, n, params, n_jobs=max(n_jobs, 1), authors=authors, srsgc_exemption=srsgc_exemption,
+                    srsgc_skip_tail=srsgc_skip_tail, track=check)
+    sch = master.scheme
     total = n_jobs + sch.T
     if n_jobs < 1 or total > rounds:
         raise ValueError(f"{sch!r}: n_jobs={n_jobs} jobs with delay T={sch.T} need {total} rounds, the durations "
@@ -104,34 +114,31 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
                          f"{base_comp} has non-positive entries; use a trace measured at a lower load "
                          "or a smaller base_comp")
     out = np.empty(total)
-    waits = 0
     completions = []
-    cond = sch.condition()
-    plan = sch.schedule() if check else None
+    none = np.zeros(n, dtype=bool)
     if scheme == "ignore":
         out[:] = np.sort(d, axis=1)[:, n - sch.s - 1]
-    elif cond is None:
+        waits = 0
+    elif master.waits_always:
         out[:] = d.max(axis=1)
+        waits = 0
     else:
-        none = np.zeros(n, dtype=bool)
         for r in range(total):
+            if master.skip(r):
+                out[r] = 0.0
+                continue
+            master.assign(r)
             row = d[r]
             slowest = row.max()
             wait = row.min() * (1.0 + mu)
             strag = row > wait
-            if cond.fits(strag):
-                out[r] = min(wait, slowest)
-            else:
-                out[r] = slowest
-                waits += 1
-                strag = none
-            cond.record(strag)
-            if plan is not None:
-                plan.assign(r)
-                job = plan.record(r, ~strag)
-                if job is not None:
-                    completions.append((r, job))
-    if not completions:
+            waited = not master.fits(strag)
+            out[r] = slowest if waited else min(wait, slowest)
+            job = master.end_round(r, none if waited else strag, waited)
+            if job is not None:
+                completions.append((r, job))
+        waits = master.num_waits
+    if not completions:  # uncoded, ignore, or no bookkeeping: job r - T completes in round r
         completions = [(r, r - sch.T) for r in range(sch.T, total)]
     return Result(sch.name, sch.params, float(out.sum()), sch.load, sch.T, waits, n_jobs, out, completions)
 

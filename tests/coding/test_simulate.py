@@ -13,15 +13,61 @@ GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_authors.json").rea
 FULL = st.FULL_DIR
 
 
+def _golden_durations(case):
+    if "durations" in case:
+        return np.asarray(case["durations"])
+    return st.load_trace(st.SHIPPED_DIR / case["trace"]).durations
+
+
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"{c['trace'][:6]}-{c['scheme']}-{c['params']}")
-def test_matches_authors_simulator_to_the_round(case):
-    d = st.load_trace(st.SHIPPED_DIR / case["trace"]).durations
-    r = simulate(d, case["scheme"], case["params"], n_jobs=case["n_jobs"], mu=case["mu"],
-                 base_comp=case["base_comp"], trace_load=case["trace_load"])
+def test_matches_authors_final_simulator_to_the_round(case):
+    """The golden values come from the authors' own files at their final commit (fab1280), run
+    by tests/coding/data/make_golden_authors.py."""
+    d = _golden_durations(case)
+    kw = dict(n_jobs=case["n_jobs"], mu=case["mu"], base_comp=case["base_comp"], trace_load=case["trace_load"])
+    r = simulate(d, case["scheme"], case["params"], **kw)
     np.testing.assert_allclose(r.round_durations, case["round_durations"], rtol=1e-9, atol=0)
     assert r.runtime == pytest.approx(case["runtime"], rel=1e-9)
     assert (r.num_waits, r.T) == (case["num_waits"], case["T"])
     assert r.load == pytest.approx(case["load"], rel=1e-12)
+    if "authors_runtime" in case:  # their code as is, GC's "< s" included
+        a = simulate(d, case["scheme"], case["params"], authors=True, **kw)
+        np.testing.assert_allclose(a.round_durations, case["authors_round_durations"], rtol=1e-9, atol=0)
+        assert a.num_waits == case["authors_num_waits"]
+    if "without_exemption_runtime" in case:  # the SR-SGC exemption switched off on both sides
+        x = simulate(d, case["scheme"], case["params"], srsgc_exemption=False, **kw)
+        assert x.runtime == pytest.approx(case["without_exemption_runtime"], rel=1e-9)
+
+
+def test_golden_cases_exercise_the_srsgc_exemption_and_tail_skip():
+    ex = [c for c in GOLDEN["cases"] if "without_exemption_runtime" in c
+          and abs(c["without_exemption_runtime"] - c["runtime"]) > 1e-9]
+    assert len(ex) >= 8
+    skipped = [c for c in GOLDEN["cases"] if c["scheme"] == "srsgc" and 0.0 in c["round_durations"]]
+    assert len(skipped) >= 8
+    assert GOLDEN["commit"].startswith("fab1280")
+
+
+def test_srsgc_exempt_rounds_do_not_count_towards_the_window():
+    """n=4, B=1, W=3, lambd=2 (s=1): worker 0 straggles alone in round 0 (at most s, no repeats:
+    exempt), then workers 1 and 2 straggle in round 1. Without the exemption, round 1 sees 3
+    distinct stragglers in the window (> lambd) and waits; with it, round 1 fits."""
+    d = np.ones((8, 4))
+    d[0, 0] = 5.0
+    d[1, 1] = d[1, 2] = 5.0
+    kw = dict(n_jobs=6, mu=1.0)
+    with_ex = simulate(d, "srsgc", {"B": 1, "W": 3, "lambd": 2}, **kw)
+    without = simulate(d, "srsgc", {"B": 1, "W": 3, "lambd": 2}, srsgc_exemption=False, **kw)
+    assert with_ex.num_waits == 0 and without.num_waits == 1
+    assert with_ex.round_durations[1] == 2.0 and without.round_durations[1] == 5.0
+
+
+def test_srsgc_skips_tail_rounds_whose_job_already_decodes():
+    d = np.ones((12, 6))
+    r = simulate(d, "srsgc", {"B": 2, "W": 3, "lambd": 2}, n_jobs=10, mu=1.0)
+    assert list(r.round_durations[10:]) == [0.0, 0.0] and r.runtime == 10.0
+    full = simulate(d, "srsgc", {"B": 2, "W": 3, "lambd": 2}, n_jobs=10, mu=1.0, srsgc_skip_tail=False)
+    assert full.runtime == 12.0
 
 
 def _traces():
@@ -36,7 +82,8 @@ def test_gc_s0_is_uncoded_and_rounds_never_beat_the_fastest():
         for sc, p in [("gc", {"s": 10}), ("srsgc", {"B": 1, "W": 2, "lambd": 40}),
                       ("msgc", {"B": 1, "W": 3, "lambd": 40}), ("ignore", {"s": 30})]:
             r = simulate(d, sc, p, n_jobs=5, mu=1.0)
-            assert (r.round_durations >= d[: len(r.round_durations)].min(axis=1)).all()
+            run = r.round_durations > 0  # SR-SGC skips tail rounds whose job already decodes
+            assert (r.round_durations[run] >= d[: len(r.round_durations)].min(axis=1)[run]).all()
             assert (r.round_durations <= d[: len(r.round_durations)].max(axis=1)).all()
 
 
