@@ -2,6 +2,8 @@
 scheme on real worker processes, the simulator's round rule reproduced live, killed workers,
 and the errors for bad parameters."""
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,40 @@ def run_killed(rank, world, scheme, params):
 def test_a_killed_worker_is_survived_within_tolerance_and_a_clear_error_beyond(tmp_path, scheme, params):
     codes = spawn_allowing_deaths(run_killed, N_WORKERS, tmp_path, scheme, params, may_die=(2,))
     assert codes[2] == 17, codes  # worker 1 is rank 2 (rank 0 coordinates)
+
+
+def run_frozen(rank, world, tmp):
+    import os
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    cm = digits_sweep(models=1, hidden=8)
+    J = 16
+    d = _delays(J + 4, world - 1, p=0.0)
+    with open(f"{tmp}/pid{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    dist.barrier()
+    if rank == 0:  # freeze worker 1 (rank 2) for 1.5 s: about 30 rounds of 50 ms
+        pid = int(open(f"{tmp}/pid2").read())
+
+        def freeze():
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(1.5)
+            os.kill(pid, signal.SIGCONT)
+        threading.Thread(target=freeze, daemon=True).start()
+    eng = RoundEngine(cm, "gc", {"s": 1}, n_jobs=J, delays=d, timeout=60, max_backlog=2)
+    res = eng.run()
+    if res is not None:
+        assert res.not_sent > 0  # no queue grew without bound: the frozen worker got nothing new
+        assert not res.missing[-2:, 1].any()  # it resynchronised and answers again
+        assert _close(res.model_params[0], reference_params(cm, eng.layout.N, J, 0)[0]) < 1e-12
+
+
+def test_a_frozen_worker_gets_no_new_tasks_then_resynchronises(tmp_path):
+    spawn(run_frozen, N_WORKERS + 1, tmp_path, str(tmp_path))
 
 
 # --------------------------------------------------------------------------- no processes

