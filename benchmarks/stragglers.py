@@ -82,6 +82,8 @@ def plot(real, long, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     panels = [(axes[0], real, "real traces (10-20 rounds)"), (axes[1], long, "long horizon (220 rounds)")]
+    if not long:
+        panels = panels[:1]
     for ax, data, title in panels:
         labels = [lb for lb in data if "uncoded" in data[lb]]
         x = np.arange(len(labels))
@@ -110,11 +112,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-bursty", action="store_true")
+    p.add_argument("--skip-long", action="store_true", help="only the real-trace table")
     p.add_argument("--png")
     a = p.parse_args(argv)
     lam = list(range(1, a.lambd_max + 1, a.lambd_step))
     real = {} if a.skip_real else real_traces(a.mu, a.base_comp, lam)
-    long = long_horizon(a.mu, a.long_base_comp, lam, a.rounds, a.seed, a.base_comp, a.skip_bursty)
+    long = {} if a.skip_long else long_horizon(a.mu, a.long_base_comp, lam, a.rounds, a.seed, a.base_comp,
+                                               a.skip_bursty)
     if a.png and real:
         plot(real, long, a.png)
     return 0

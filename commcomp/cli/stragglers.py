@@ -38,7 +38,8 @@ examples:
 _MODEL_KNOBS = (
     ("--block", int, 1, "block length for --extend (default 1: i.i.d. rounds)"),
     ("--rounds", int, 40, "rounds of a synthetic model (default 40)"),
-    ("--workers", int, 256, "workers n of a synthetic model (default 256)"),
+    ("--workers", int, 256, "workers n (simulate: of a synthetic model, default 256; run: worker processes, "
+                            "default 8, the first n of a trace)"),
     ("--seed", int, 0, "seed of the synthetic model / resampling (default 0)"),
     ("--base", float, 1.0, "a fast worker's time in seconds (default 1.0)"),
     ("--slow", float, 5.0, "a straggler is this many times slower (default 5)"),
@@ -160,6 +161,101 @@ def _cmd_simulate(a) -> int:
     return 0
 
 
+_RUN_EPILOG = """\
+the live engine (commcomp.coding.engine): a coordinator process and --workers worker processes on
+this machine (gloo P2P; or the current torchrun job; or mpiexec with --transport mpi). Each round
+the coordinator sends every worker its tasks (the scheme's schedule) and the parameters of the
+jobs' models; a worker computes real gradients of a small MLP on MNIST digits, sleeps its
+injected delay (the durations, load-shifted by --base-comp, times --time-scale) and answers; the
+coordinator applies the simulator's round rule live and decodes every job exactly. Jobs are
+spread over concurrent models (a learning-rate sweep, at least T + 1 of them).
+
+examples:
+  commcomp stragglers run --scheme msgc --B 1 --W 3 --lambd 2 --model bursty --gen-B 1 --gen-W 3 \\
+      --gen-lambd 2 --workers 8 --rounds 60 --jobs 40 --time-scale 0.1
+  commcomp stragglers run --search --trace Canada-w256-r20-load0_250-b2048-desktop.npz --extend 60 \\
+      --workers 8 --jobs 40 --base-comp 2.2013 --time-scale 0.1 --json --png live.png
+"""
+
+
+def _plot_live(rows, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [f"{r['scheme']}\n{','.join(str(v) for v in r['params'].values())}" for r in rows]
+    x = np.arange(len(rows))
+    ax[0].bar(x - 0.2, [r["runtime"] for r in rows], 0.4, label="live (measured)")
+    ax[0].bar(x + 0.2, [r["predicted"] for r in rows], 0.4, label="simulator (predicted)")
+    ax[0].set_xticks(x, names, fontsize=7)
+    ax[0].set_ylabel("runtime of all jobs (s)")
+    ax[0].legend(fontsize=7)
+    for r in rows:
+        ax[1].plot(np.cumsum(r["round_durations"]), label=r["scheme"])
+    ax[1].set_xlabel("round")
+    ax[1].set_ylabel("elapsed, live (s)")
+    ax[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _cmd_run(a) -> int:
+    from commcomp.coding.live import ENGINE_SCHEMES, plan_runs, run_live
+
+    d, trace_load, label = _durations(a)
+    if a.model == "trace":
+        if a.workers > d.shape[1]:
+            raise SystemExit(f"commcomp: --workers {a.workers} but the trace has {d.shape[1]} workers")
+        d = d[:, a.trace_offset:a.trace_offset + a.workers]
+        if d.shape[1] < a.workers:
+            raise SystemExit(f"commcomp: --trace-offset {a.trace_offset} leaves {d.shape[1]} workers, fewer than "
+                             f"--workers {a.workers}")
+    if a.trace_load is not None:
+        trace_load = a.trace_load
+    if a.scheme:
+        if a.scheme not in ENGINE_SCHEMES:
+            raise SystemExit(f"commcomp: the live engine runs {', '.join(ENGINE_SCHEMES)}; got --scheme {a.scheme}")
+        schemes, given = [a.scheme], {a.scheme: _params(a)}
+    else:
+        if not a.search:
+            raise SystemExit("commcomp: give --scheme (with its parameters) or --search (each of --schemes with "
+                             "its best simulated parameters)")
+        schemes, given = [x for x in a.schemes.split(",") if x], {}
+    lam = range(1, min(a.lambd_max or d.shape[1], d.shape[1] - 1) + 1, a.lambd_step)
+    try:
+        plans = plan_runs(d, schemes, a.jobs, params=given, mu=a.mu, base_comp=a.base_comp, trace_load=trace_load,
+                          time_scale=a.time_scale, lambds=lam)
+        for p in plans:
+            if p.delays.shape[0] < a.jobs + p.T:
+                raise ValueError(f"{p.scheme} needs {a.jobs + p.T} rounds of durations, there are "
+                                 f"{p.delays.shape[0]}; pass --extend ROUNDS (trace) or --rounds (model)")
+        rows = run_live(plans, a.jobs, workers=a.workers, mu=a.mu, models=a.models, transport=a.transport,
+                        progress=not a.json and sys.stderr.isatty(), timeout=a.timeout)
+    except ValueError as e:
+        raise SystemExit(f"commcomp: {e}")
+    if rows is None:  # a worker process of a torchrun / mpiexec job
+        return 0
+    title = (f"{label}, n={a.workers} workers, {a.jobs} jobs, mu={a.mu}, base_comp={a.base_comp}, "
+             f"time_scale={a.time_scale}")
+    if a.png:
+        _plot_live(rows, a.png, title)
+    if a.json:
+        keep = ("scheme", "params", "load", "T", "runtime", "predicted", "ratio", "num_waits", "predicted_waits",
+                "wall_s", "late_dropped", "not_sent", "skipped", "bytes_sent")
+        print(json.dumps({"setup": title, "runs": [{k: r[k] for k in keep} for r in rows]}, indent=1))
+        return 0
+    print(title)
+    print(f"{'scheme':8} {'params':24} {'load':>7} {'T':>2} {'live_s':>8} {'pred_s':>8} {'live/pred':>9} "
+          f"{'waits':>9} {'late':>5}")
+    for r in rows:
+        print(f"{r['scheme']:8} {str(r['params']):24} {r['load']:7.4f} {r['T']:2d} {r['runtime']:8.3f} "
+              f"{r['predicted']:8.3f} {r['ratio']:9.3f} {r['num_waits']:>4}/{r['predicted_waits']:<4} "
+              f"{r['late_dropped']:5d}")
+    return 0
+
+
 def add_stragglers(sub) -> None:
     p = add_topic(sub, "stragglers", None, help="straggler models and gradient-coding runtime simulation",
                   description="Straggler models and the runtime of straggler-mitigation schemes "
@@ -188,3 +284,34 @@ def add_stragglers(sub) -> None:
     o.add_argument("--lambd-step", type=int, default=1, help="search every k-th lambd and s (default 1)")
     o.add_argument("--json", action="store_true", help="print JSON: runtime, load, T, num_waits, params")
     o.add_argument("--png", help="write a plot comparing the schemes (implies --search without --scheme)")
+
+    r = add_topic(acts, "run", _cmd_run, help="run schemes live on worker processes and compare with the simulator",
+                  description="Train concurrent models with a scheme on real worker processes with injected "
+                              "stragglers; report the measured runtime beside the simulator's prediction.",
+                  epilog=_RUN_EPILOG, raw=True)
+    _add_model_args(r)
+    r.set_defaults(workers=8, rounds=60)
+    g = r.add_argument_group("scheme")
+    g.add_argument("--scheme", choices=_SCHEMES, help="uncoded, gc (--s), srsgc or msgc (--B --W --lambd)")
+    g.add_argument("--s", type=int, help="gc: stragglers tolerated per round")
+    g.add_argument("--B", type=int, help="srsgc/msgc: longest burst, in rounds")
+    g.add_argument("--W", type=int, help="srsgc/msgc: window, in rounds")
+    g.add_argument("--lambd", type=int, help="srsgc/msgc: distinct stragglers per window (< workers)")
+    g.add_argument("--search", action="store_true", help="run each of --schemes with its best simulated parameters")
+    g.add_argument("--schemes", default="uncoded,gc,srsgc,msgc", help="comma-separated schemes for --search")
+    g.add_argument("--lambd-max", type=int, help="search lambd and s only up to this")
+    g.add_argument("--lambd-step", type=int, default=1, help="search every k-th lambd and s (default 1)")
+    e = r.add_argument_group("run")
+    e.add_argument("--jobs", type=int, default=40, help="jobs (gradients) to decode (default 40)")
+    e.add_argument("--models", type=int, help="concurrent models (default: the largest T + 1 of the schemes)")
+    e.add_argument("--trace-offset", type=int, default=0, help="trace: use workers offset..offset+workers-1")
+    e.add_argument("--time-scale", type=float, default=0.1,
+                   help="injected delay = simulated seconds x this (default 0.1: a 1 s round takes 0.1 s)")
+    e.add_argument("--mu", type=float, default=1.0, help="the coordinator waits fastest*(1+mu) (default 1.0)")
+    e.add_argument("--base-comp", type=float, default=0.0, help="seconds per unit of normalized load (default 0)")
+    e.add_argument("--trace-load", type=float, help="load the durations were measured at (default: the trace's)")
+    e.add_argument("--transport", choices=("torch", "mpi"), default="torch",
+                   help="torch: gloo P2P (spawned here, or the torchrun job); mpi: under mpiexec")
+    e.add_argument("--timeout", type=float, default=120.0, help="seconds any wait may take (default 120)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--png", help="write a plot: live vs predicted runtime per scheme, elapsed per round")

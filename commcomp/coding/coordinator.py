@@ -30,8 +30,13 @@ How it avoids blocking on a straggler (:mod:`commcomp.coding.transport` has the 
   on while at most ``s`` are gone, and fails with an explanation when more are;
 * every wait has a deadline (``timeout``): a clear ``TimeoutError`` instead of a hang.
 
+A rank that is *permanently* slower than the others falls further behind every round; the
+coordinator lets at most ``max_backlog`` of its results pile up and then waits for it
+(back-pressure), so memory stays bounded and the slow rank catches up instead of drifting.
+
 The coordinator is a single point of failure (it holds the round); a slow coordinator slows
-its rounds. Transports: torch.distributed P2P (gloo, NCCL) or MPI through mpi4py
+its rounds. It also computes (every DDP rank is a worker); the sequential-coding round engine
+(:mod:`commcomp.coding.engine`) has a dedicated coordinator rank that computes nothing. Transports: torch.distributed P2P (gloo, NCCL) or MPI through mpi4py
 (:class:`~commcomp.coding.transport.MPITransport`, no crash tolerance: MPI aborts the job when
 a process dies).
 """
@@ -82,17 +87,23 @@ class CodedAggregator:
         device: where receive buffers go when a bucket gives none (default CPU).
         counter: a :class:`~commcomp.utils.ByteCounter` to count this rank's sends in (the hook
             passes its own ``metrics``); default a counter of this aggregator's own.
+        max_backlog: messages the coordinator lets pile up for one peer (results it has not
+            received yet) before it waits for that peer: a permanently slow rank is then waited
+            for, so memory stays bounded and the rank catches up (default 64, e.g. 8 rounds of
+            8 buckets; a transient straggler never reaches it).
 
     Attributes:
         metrics: ``rounds`` decoded (coordinator), ``late_dropped`` straggler messages that came
-            after their round was decoded, ``wait_s`` seconds waited for the ``n - s``.
+            after their round was decoded, ``wait_s`` seconds waited for the ``n - s``,
+            ``backpressure_waits`` / ``backpressure_s`` times and seconds the coordinator waited
+            for a peer ``max_backlog`` messages behind.
         survivor_counts: per ``|S|``, how many rounds were decoded from that many workers.
         dead: rank -> reason, for peers whose connection failed (permanent stragglers).
         counter: the byte counter (``bytes_sent``: headers and payloads this rank sent).
     """
 
     def __init__(self, code, group=None, coordinator: int = 0, timeout: float = 300.0,
-                 transport="torch", device=None, counter: Optional[ByteCounter] = None):
+                 transport="torch", device=None, counter: Optional[ByteCounter] = None, max_backlog: int = 64):
         self.code = code
         self.transport = make_transport(transport, group)
         self.rank, self.world_size = self.transport.rank, self.transport.world_size
@@ -102,6 +113,9 @@ class CodedAggregator:
         if not 0 <= coordinator < self.world_size:
             raise ValueError(f"commcomp: coordinator={coordinator} is not a rank of the group "
                              f"(0..{self.world_size - 1})")
+        if isinstance(max_backlog, bool) or int(max_backlog) != max_backlog or max_backlog < 1:
+            raise ValueError(f"commcomp: max_backlog={max_backlog!r} must be an integer >= 1 (messages per peer)")
+        self.max_backlog = int(max_backlog)
         self.coordinator, self.timeout = coordinator, float(timeout)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.is_coordinator = self.rank == coordinator
@@ -110,7 +124,8 @@ class CodedAggregator:
         self._early: Dict[Key, Dict[int, torch.Tensor]] = {}
         self._broken: Optional[BaseException] = None
         self.counter = counter if counter is not None else ByteCounter()
-        self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0}
+        self.metrics: Dict[str, float] = {"rounds": 0, "late_dropped": 0, "wait_s": 0.0, "backpressure_waits": 0,
+                                          "backpressure_s": 0.0}
         self.survivor_counts: Dict[int, int] = {}
         self._amp_checked: set = set()
         peers = [r for r in range(self.world_size) if r != self.rank] if self.is_coordinator else [coordinator]
@@ -186,11 +201,29 @@ class CodedAggregator:
         dead = self._dead_set()
         for peer, tx in self._senders.items():
             if peer not in dead:
+                self._bound_backlog(peer, tx, key)
                 tx.send(msg)
                 self.counter.sent(msg.numel())
         self.metrics["rounds"] += 1
         self.survivor_counts[len(survivors)] = self.survivor_counts.get(len(survivors), 0) + 1
         return result
+
+    def _bound_backlog(self, peer: int, tx, key: Key) -> None:
+        """Back-pressure: wait while ``peer`` has ``max_backlog`` results not yet received (a
+        permanently slow rank), so the queue stays bounded and the rank catches up."""
+        if tx.pending < self.max_backlog:
+            return
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout
+        while tx.pending >= self.max_backlog and tx.failed is None and peer not in self._dead_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"commcomp: gradient coding round {key[0]}: rank {peer} has {tx.pending} results it has not "
+                    f"received (max_backlog={self.max_backlog}) and did not catch up within timeout="
+                    f"{self.timeout:g} s; it is stalled: restart without it, or raise max_backlog/timeout")
+            time.sleep(0.001)
+        self.metrics["backpressure_waits"] += 1
+        self.metrics["backpressure_s"] += time.monotonic() - t0
 
     def _gather(self, key: Key, own: torch.Tensor) -> Dict[int, torch.Tensor]:
         """The first ``n - s`` coded gradients of round ``key`` (the survivor set ``S``): this
@@ -324,9 +357,9 @@ class CodedAggregator:
         on such a peer are left behind, and destroying the process group under them may abort
         the process -- exit with ``os._exit`` in that case, or wait for the peers.
 
-        A permanently slow rank keeps one result message per bucket per round queued here (and
-        one expected message per bucket at its receiver) until it catches up; ``lag()`` says
-        how far behind each rank is."""
+        A slow rank keeps up to ``max_backlog`` result messages queued here (and as many
+        expected messages at its receiver); past that the coordinator waits for it (back-
+        pressure). ``lag()`` says how far behind each rank is."""
         if self._closed:
             return True
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

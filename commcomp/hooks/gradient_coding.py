@@ -67,6 +67,8 @@ class GradientCodingState(HookState):
         coordinator: the rank that decodes (default 0).
         timeout: seconds any wait may take before a clear ``TimeoutError`` (never a hang).
         transport: ``"torch"`` (torch.distributed P2P: gloo or NCCL) or ``"mpi"`` (mpi4py).
+        max_backlog: results the coordinator lets pile up for one slow rank before it waits for
+            it (back-pressure; bounds memory; default 64). This rank's own setting, like timeout.
     """
 
     name = "gradient_coding"
@@ -80,7 +82,8 @@ class GradientCodingState(HookState):
     )
 
     def __init__(self, process_group=None, s: Optional[int] = None, code="cyclic", n: Optional[int] = None,
-                 code_seed: int = 0, coordinator: int = 0, timeout: float = 300.0, transport: str = "torch"):
+                 code_seed: int = 0, coordinator: int = 0, timeout: float = 300.0, transport: str = "torch",
+                 max_backlog: int = 64):
         super().__init__(process_group)
         if n is not None and n != self.world_size:
             raise ValueError(f"commcomp: gradient_coding got n={n!r} but the group has {self.world_size} ranks; "
@@ -102,7 +105,8 @@ class GradientCodingState(HookState):
         self._started = False  # a bucket was sent: a checkpoint can no longer be loaded
         # validates transport and coordinator now, on every rank; counts its sends in metrics
         self.aggregator = CodedAggregator(self.code, self.process_group, self.coordinator, self.timeout,
-                                          self.transport, counter=self.metrics)
+                                          self.transport, counter=self.metrics,
+                                          max_backlog=validate.integer(max_backlog, "max_backlog", low=1))
 
     @property
     def dead_ranks(self) -> Dict[int, str]:

@@ -135,6 +135,29 @@ def test_sleeping_rank_does_not_delay_the_round(tmp_path):
         assert t[r][1] < woke, (r, t[r][1] - t[r][0])
 
 
+def run_permanently_slow(rank, world):
+    model = DDP(make_model(), broadcast_buffers=False)
+    state = commcomp.register(model, "gradient_coding", s=1, timeout=60, max_backlog=2)
+    train(model, state.code, rank, 2)  # past DDP's first (collective) step
+    lags = []
+    slow = world - 1
+    for step in range(10):
+        train(model, state.code, rank, 1, delay=lambda _: 0.15 if rank == slow else 0.0)
+        if rank == 0:
+            lags.append(state.aggregator.lag()[slow])
+    assert state.close(timeout=60)
+    assert_replicas_agree(model, world)
+    if rank == 0:
+        # without back-pressure rank `slow` falls one more round behind every step; with it, the
+        # coordinator waits once it is max_backlog results behind
+        assert state.aggregator.metrics["backpressure_waits"] > 0
+        assert max(lags) <= 2 * 2 + 1, lags  # its results + its expected messages, each bounded
+
+
+def test_a_permanently_slow_rank_is_waited_for_at_max_backlog(tmp_path):
+    spawn(run_permanently_slow, 3, tmp_path)
+
+
 def run_killed(rank, world, victims, s):
     model = DDP(make_model(), broadcast_buffers=False)
     state = commcomp.register(model, "gradient_coding", s=s, timeout=60)
