@@ -11,9 +11,14 @@ coordinator, sequential gradient coding, straggler models and a simulator.
   torch.distributed or MPI, their wire format, and the per-peer threads;
 * :mod:`~commcomp.coding.sequential` -- SR-SGC and M-SGC (Krishnan et al. 2023), with their
   per-round task schedules in :mod:`~commcomp.coding.schedules`;
+* :mod:`~commcomp.coding.master` -- the round rule of sequential coding (the authors' final
+  simulator's), shared by the simulator and the live engine;
 * :mod:`~commcomp.coding.stragglers`, :mod:`~commcomp.coding.simulate` -- straggler models
   (incl. replay of real AWS Lambda traces) and the round-level simulator behind
-  ``commcomp stragglers simulate``.
+  ``commcomp stragglers simulate``;
+* :mod:`~commcomp.coding.jobs`, :mod:`~commcomp.coding.engine`, :mod:`~commcomp.coding.live` --
+  the live round engine behind ``commcomp stragglers run``: concurrent models trained on worker
+  processes with injected stragglers, a dedicated coordinator, every job decoded exactly.
 """
 
 from commcomp.coding.codes import (
@@ -30,8 +35,10 @@ from commcomp.coding.data import CodedSampler, coded_loss, uncoded_partition
 from commcomp.coding import sequential, simulate, stragglers
 from commcomp.coding.sequential import GC, MSGC, SRSGC, make_scheme
 from commcomp.coding.simulate import Result, search
+from commcomp.coding.master import Master
+from commcomp.coding.engine import ConcurrentModels, RoundEngine
 
-__all__ = ["CODES", "GC", "MSGC", "SRSGC", "CodedAggregator", "CodedSampler", "GradientCode", "MPITransport",
+__all__ = ["CODES", "GC", "MSGC", "SRSGC", "CodedAggregator", "ConcurrentModels", "Master", "RoundEngine", "CodedSampler", "GradientCode", "MPITransport",
            "Result", "TorchTransport", "make_scheme", "search", "sequential", "simulate", "stragglers",
            "coded_loss", "cyclic_repetition_code", "decode_vector", "fractional_repetition_code", "make_code",
            "uncoded_partition"]

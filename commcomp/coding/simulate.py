@@ -115,12 +115,23 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
         raise ValueError(f"{sch!r}: durations + (load {sch.load:.4f} - trace_load {trace_load}) x base_comp "
                          f"{base_comp} has non-positive entries; use a trace measured at a lower load "
                          "or a smaller base_comp")
+    out, completions, missing, skipped, waits = _run_rounds(master, d, mu)
+    if not completions:  # uncoded, ignore, or no bookkeeping: job r - T completes in round r
+        completions = [(r, r - sch.T) for r in range(sch.T, total)]
+    return Result(sch.name, sch.params, float(out.sum()), sch.load, sch.T, waits, n_jobs, out, completions,
+                  missing, skipped)
+
+
+def _run_rounds(master: Master, d: np.ndarray, mu: float):
+    """The round loop: ``(durations, completions, missing, skipped, waits)``."""
+    sch = master.scheme
+    total, n = d.shape
     out = np.empty(total)
     completions = []
     none = np.zeros(n, dtype=bool)
     missing = np.zeros((total, n), dtype=bool)
     skipped = []
-    if scheme == "ignore":
+    if sch.name == "ignore":
         out[:] = np.sort(d, axis=1)[:, n - sch.s - 1]
         waits = 0
     elif master.waits_always:
@@ -144,10 +155,7 @@ def simulate(durations, scheme: str, params: Optional[dict] = None, *, n_jobs: O
             if job is not None:
                 completions.append((r, job))
         waits = master.num_waits
-    if not completions:  # uncoded, ignore, or no bookkeeping: job r - T completes in round r
-        completions = [(r, r - sch.T) for r in range(sch.T, total)]
-    return Result(sch.name, sch.params, float(out.sum()), sch.load, sch.T, waits, n_jobs, out, completions,
-                  missing, skipped)
+    return out, completions, missing, skipped, waits
 
 
 def param_grid(scheme: str, n: int, n_jobs: int, max_delay: int, lambds: Optional[Iterable[int]] = None,

@@ -274,5 +274,54 @@ class PeerSender(threading.Thread):
         self.works.put(None)
 
 
-__all__ = ["HEADER_BYTES", "MAGIC", "TAG", "Key", "MPITransport", "PeerReceiver", "PeerSender", "TorchTransport",
-           "make_transport", "pack", "unpack"]
+# --------------------------------------------------------------------------- fixed-size streams
+STREAM_MAGIC = 0x53474345  # "SGCE": the round engine's messages
+STREAM_HEADER = 4          # int64: magic, round, flag, sender
+NORMAL, STOP, ABORT = 0, 1, 2
+
+
+def pack_stream(round_: int, flag: int, sender: int, payload: torch.Tensor) -> torch.Tensor:
+    """One message of the round engine: int64 header (:data:`STREAM_MAGIC`, round, flag, sender)
+    and a float64 payload; flag :data:`NORMAL`, :data:`STOP` (the last message) or :data:`ABORT`."""
+    head = torch.tensor([STREAM_MAGIC, round_, flag, sender], dtype=torch.int64)
+    return torch.cat([head.view(torch.uint8), payload.to(torch.float64).contiguous().view(torch.uint8)])
+
+
+class StreamReceiver(threading.Thread):
+    """Receives one peer's fixed-size :func:`pack_stream` messages, in order, into a shared inbox
+    until the peer says STOP/ABORT or its connection fails. Inbox items: ``(kind, peer, header,
+    payload, t_arrival)`` with kind ``"msg"``, ``"dead"`` or ``"protocol"``. Unlike
+    :class:`PeerReceiver` it does not need to know which round comes next: the round engine's
+    workers skip rounds (they drop stale tasks), and the coordinator filters by header."""
+
+    def __init__(self, transport, peer: int, nbytes: int, inbox: "queue.Queue", on_dead: OnDead):
+        super().__init__(name=f"commcomp-sgc-recv-{peer}", daemon=True)
+        self.transport, self.peer, self.nbytes, self.inbox, self.on_dead = transport, peer, nbytes, inbox, on_dead
+        self.failed: Optional[BaseException] = None
+
+    def run(self) -> None:
+        """The thread: receive messages until STOP/ABORT, a failure or a bad header."""
+        import time
+
+        while True:
+            buf = torch.empty(8 * STREAM_HEADER + self.nbytes, dtype=torch.uint8)
+            try:
+                self.transport.irecv(buf, self.peer).wait()
+            except BaseException as exc:  # noqa: BLE001 - the peer is gone
+                self.failed = exc
+                self.on_dead(self.peer, exc)
+                self.inbox.put(("dead", self.peer, None, exc, time.monotonic()))
+                return
+            head = buf[:8 * STREAM_HEADER].view(torch.int64).tolist()
+            if head[0] != STREAM_MAGIC or head[3] != self.peer:
+                self.failed = RuntimeError(f"commcomp: rank {self.peer} sent a message with header {head}: another "
+                                           "communication used the engine's tag, or the ranks run different versions")
+                self.inbox.put(("protocol", self.peer, head, self.failed, time.monotonic()))
+                return
+            self.inbox.put(("msg", self.peer, head, buf[8 * STREAM_HEADER:].view(torch.float64), time.monotonic()))
+            if head[2] in (STOP, ABORT):
+                return
+
+
+__all__ = ["HEADER_BYTES", "MAGIC", "TAG", "Key", "MPITransport", "PeerReceiver", "PeerSender", "StreamReceiver",
+           "TorchTransport", "make_transport", "pack", "pack_stream", "unpack"]
