@@ -218,6 +218,15 @@ def _cmd_run(a) -> int:
         if a.scheme not in ENGINE_SCHEMES:
             raise SystemExit(f"commcomp: the live engine runs {', '.join(ENGINE_SCHEMES)}; got --scheme {a.scheme}")
         schemes, given = [a.scheme], {a.scheme: _params(a)}
+        from commcomp.coding.sequential import make_scheme
+        try:
+            T = make_scheme(a.scheme, d.shape[1], **given[a.scheme]).T
+        except ValueError as e:
+            raise SystemExit(f"commcomp: {e}")
+        if d.shape[0] < a.jobs + T:
+            raise SystemExit(f"commcomp: {a.jobs} jobs of {a.scheme} (delay T={T}) need {a.jobs + T} rounds of "
+                             f"durations, there are {d.shape[0]}; pass --extend ROUNDS (a trace) or --rounds "
+                             "(a model), or fewer --jobs")
     else:
         if not a.search:
             raise SystemExit("commcomp: give --scheme (with its parameters) or --search (each of --schemes with "
@@ -227,10 +236,6 @@ def _cmd_run(a) -> int:
     try:
         plans = plan_runs(d, schemes, a.jobs, params=given, mu=a.mu, base_comp=a.base_comp, trace_load=trace_load,
                           time_scale=a.time_scale, lambds=lam)
-        for p in plans:
-            if p.delays.shape[0] < a.jobs + p.T:
-                raise ValueError(f"{p.scheme} needs {a.jobs + p.T} rounds of durations, there are "
-                                 f"{p.delays.shape[0]}; pass --extend ROUNDS (trace) or --rounds (model)")
         rows = run_live(plans, a.jobs, workers=a.workers, mu=a.mu, models=a.models, transport=a.transport,
                         progress=not a.json and sys.stderr.isatty(), timeout=a.timeout)
     except ValueError as e:

@@ -41,3 +41,27 @@ def test_errors_and_help():
     assert p.returncode != 0 and "--W" in p.stderr
     h = _run("stragglers", "simulate", "--help")
     assert h.returncode == 0 and "fastest * (1 + mu)" in h.stdout
+
+
+def test_run_live_search_json_and_png(tmp_path):
+    """`stragglers run --search`: 3 worker processes and a coordinator; every scheme runs live
+    with its best simulated parameters and reports the prediction beside the measurement."""
+    png = tmp_path / "live.png"
+    p = _run("stragglers", "run", "--search", "--schemes", "gc,msgc", "--model", "bursty", "--gen-B", "1",
+             "--gen-W", "2", "--gen-lambd", "1", "--p-start", "0.2", "--workers", "3", "--rounds", "10", "--jobs",
+             "6", "--time-scale", "0.03", "--json", "--png", str(png))
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert [r["scheme"] for r in out["runs"]] == ["gc", "msgc"] and png.stat().st_size > 0
+    for r in out["runs"]:
+        assert r["predicted"] > 0 and r["runtime"] > 0 and r["T"] >= 0 and set(r["params"])
+
+
+def test_run_errors_are_actionable():
+    p = _run("stragglers", "run", "--scheme", "ignore", "--s", "1", "--model", "none", "--workers", "3")
+    assert p.returncode != 0 and "the live engine runs uncoded, gc, srsgc, msgc" in p.stderr
+    p = _run("stragglers", "run", "--model", "none", "--workers", "3")
+    assert p.returncode != 0 and "give --scheme" in p.stderr
+    p = _run("stragglers", "run", "--scheme", "msgc", "--B", "1", "--W", "3", "--lambd", "1", "--trace", TRACE,
+             "--workers", "4", "--jobs", "19")
+    assert p.returncode != 0 and "--extend" in p.stderr
