@@ -298,7 +298,8 @@ def add_stragglers(sub) -> None:
     r.set_defaults(workers=8, rounds=60)
     g = r.add_argument_group("scheme")
     g.add_argument("--scheme", choices=_SCHEMES, help="uncoded, gc (--s), srsgc or msgc (--B --W --lambd)")
-    g.add_argument("--s", type=int, help="gc: stragglers tolerated per round")
+    g.add_argument("--s", "--stragglers", dest="s", type=int,
+                   help="gc: stragglers tolerated per round (--stragglers under torchrun, which takes --s as its own)")
     g.add_argument("--B", type=int, help="srsgc/msgc: longest burst, in rounds")
     g.add_argument("--W", type=int, help="srsgc/msgc: window, in rounds")
     g.add_argument("--lambd", type=int, help="srsgc/msgc: distinct stragglers per window (< workers)")
