@@ -117,11 +117,17 @@ def _plot(results: dict, path: str, title: str) -> None:
     ax[0].bar(names, [results[k].runtime for k in names], color="tab:blue")
     ax[0].set_ylabel("runtime (s)")
     ax[0].set_title("best runtime per scheme")
-    for k in names:
-        ax[1].plot(np.cumsum(results[k].round_durations), label=f"{k} {results[k].params}")
-    ax[1].set_xlabel("round")
-    ax[1].set_ylabel("elapsed (s)")
-    ax[1].legend(fontsize=7)
+    _elapsed(fig, ax[1], {f"{k} {results[k].params}": results[k].round_durations for k in names},
+             "elapsed (s)", title, path)
+
+
+def _elapsed(fig, ax, series: dict, ylabel: str, title: str, path: str) -> None:
+    """The elapsed-time-per-round panel of both plots, then the title and the file."""
+    for label, durations in series.items():
+        ax.plot(np.cumsum(durations), label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,14 +197,7 @@ def _plot_live(rows, path: str, title: str) -> None:
     ax[0].set_xticks(x, names, fontsize=7)
     ax[0].set_ylabel("runtime of all jobs (s)")
     ax[0].legend(fontsize=7)
-    for r in rows:
-        ax[1].plot(np.cumsum(r["round_durations"]), label=r["scheme"])
-    ax[1].set_xlabel("round")
-    ax[1].set_ylabel("elapsed, live (s)")
-    ax[1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _elapsed(fig, ax[1], {r["scheme"]: r["round_durations"] for r in rows}, "elapsed, live (s)", title, path)
 
 
 def _cmd_run(a) -> int:
