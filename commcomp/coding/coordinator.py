@@ -32,7 +32,11 @@ How it avoids blocking on a straggler (:mod:`commcomp.coding.transport` has the 
 
 A rank that is *permanently* slower than the others falls further behind every round; the
 coordinator lets at most ``max_backlog`` of its results pile up and then waits for it
-(back-pressure), so memory stays bounded and the slow rank catches up instead of drifting.
+(back-pressure), so memory stays bounded: from then on the coordinator, and so every rank, runs
+at the slow rank's pace (at most ``max_backlog`` messages behind it). A permanently slow rank
+therefore cancels what gradient coding gains; restart without it. Back-pressure counts sends
+not yet completed, which is what gloo and NCCL report for a peer that has not received; under
+MPI small messages complete at once (eager protocol), so there it does not engage.
 
 The coordinator is a single point of failure (it holds the round); a slow coordinator slows
 its rounds. It also computes (every DDP rank is a worker); the sequential-coding round engine
@@ -89,8 +93,8 @@ class CodedAggregator:
             passes its own ``metrics``); default a counter of this aggregator's own.
         max_backlog: messages the coordinator lets pile up for one peer (results it has not
             received yet) before it waits for that peer: a permanently slow rank is then waited
-            for, so memory stays bounded and the rank catches up (default 64, e.g. 8 rounds of
-            8 buckets; a transient straggler never reaches it).
+            for, which bounds memory and holds every rank to its pace (default 64, e.g. 8 rounds
+            of 8 buckets; a transient straggler never reaches it).
 
     Attributes:
         metrics: ``rounds`` decoded (coordinator), ``late_dropped`` straggler messages that came
@@ -210,7 +214,7 @@ class CodedAggregator:
 
     def _bound_backlog(self, peer: int, tx, key: Key) -> None:
         """Back-pressure: wait while ``peer`` has ``max_backlog`` results not yet received (a
-        permanently slow rank), so the queue stays bounded and the rank catches up."""
+        permanently slow rank), so the queue stays bounded."""
         if tx.pending < self.max_backlog:
             return
         t0 = time.monotonic()

@@ -76,10 +76,12 @@ from .concurrent import (  # noqa: F401 - part of this module's surface (the eng
 from .jobs import JobLayout
 from .master import Master
 from .schedules import D1, D2, IDLE, DecodingError
+from .sequential import make_scheme
 from .transport import ABORT, NORMAL, STOP, PeerSender, StreamReceiver, make_transport
 from .transport import pack_stream as _msg
 
-__all__ = ["ConcurrentModels", "EngineResult", "RoundEngine", "digits_sweep", "engine_delays", "reference_params"]
+__all__ = ["ConcurrentModels", "EngineResult", "RoundEngine", "check_engine_params", "digits_sweep", "engine_delays",
+           "reference_params"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,50 @@ class EngineResult:
                 "stragglers_per_round": [int(x) for x in self.missing.sum(axis=1)],
                 "late_dropped": self.late_dropped, "not_sent": self.not_sent,
                 "dead": {str(k): v for k, v in self.dead.items()}, "bytes_sent": self.bytes_sent}
+
+
+def check_engine_params(scheme: str, params: Optional[dict], n: int, n_jobs: int, models: int,
+                        stale: bool = False):
+    """Check a run's parameters before any process starts; returns the scheme object. Raises
+    ``ValueError`` saying what is allowed: the scheme must be one the engine runs, SR-SGC's B must
+    divide W - 1, lambd < n, T <= n_jobs, and models >= T + 1 unless ``stale``."""
+    if scheme not in ENGINE_SCHEMES:
+        raise ValueError(f"the round engine runs {', '.join(ENGINE_SCHEMES)}; got {scheme!r} "
+                         "(ignore drops gradients, so its jobs cannot be decoded exactly)")
+    if n < 1:
+        raise ValueError("the round engine needs a coordinator and at least one worker: world size >= 2")
+    sch = make_scheme(scheme, n, **dict(params or {}))
+    if scheme in ("srsgc", "msgc") and sch.lambd >= n:
+        raise ValueError(f"{sch!r}: lambd={sch.lambd} must be < n={n} workers. lambd = n lets every worker straggle "
+                         "in one window (the paper's all-repetition corner of M-SGC, where nothing is coded); the "
+                         "simulator accepts it, the live engine does not; lower lambd")
+    if int(n_jobs) != n_jobs or n_jobs < 1:
+        raise ValueError(f"n_jobs={n_jobs!r} must be an integer >= 1")
+    if sch.T > n_jobs:
+        raise ValueError(f"{sch!r}: its delay T={sch.T} is larger than n_jobs={n_jobs}: the run would spend more "
+                         "rounds draining than computing; run more jobs or choose a scheme with a smaller T")
+    if models < sch.T + 1 and not stale:
+        raise ValueError(f"{sch!r} has delay T={sch.T}: it needs at least T + 1 = {sch.T + 1} concurrent models "
+                         f"so that no model trains on a stale gradient (got models={models}); add models, or "
+                         "pass stale=True for a T-step delayed gradient")
+    return sch
+
+
+class _Stopped(RuntimeError):
+    """The coordinator stopped the run (its error, sent to every worker)."""
+
+
+def _text_payload(text: str, nfloats: int) -> torch.Tensor:
+    """``text`` (UTF-8, cut to fit) in a float64 payload of ``nfloats`` (an ABORT's reason)."""
+    raw = torch.zeros(8 * nfloats, dtype=torch.uint8)
+    data = text.encode()[: min(8 * nfloats, 4096) - 1]
+    raw[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return raw.view(torch.float64)
+
+
+def _text(payload: torch.Tensor) -> str:
+    raw = bytes(payload.contiguous().view(torch.uint8)[:4096].tolist())
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or "no reason given"
 
 
 @dataclass
@@ -169,33 +215,18 @@ class RoundEngine:
                  delays=None, mu: float = 1.0, unit: int = 1, stale: bool = False, max_backlog: int = 4,
                  timeout: float = 120.0, transport="torch", group=None, coordinator: int = 0,
                  progress: bool = False, die_at: Optional[Dict[int, int]] = None, seed: int = 0):
-        if scheme not in ENGINE_SCHEMES:
-            raise ValueError(f"the round engine runs {', '.join(ENGINE_SCHEMES)}; got {scheme!r} "
-                             "(ignore drops gradients, so its jobs cannot be decoded exactly)")
         self.transport = make_transport(transport, group)
         self.rank, world = self.transport.rank, self.transport.world_size
         if not 0 <= coordinator < world:
             raise ValueError(f"coordinator={coordinator} is not a rank of the group (0..{world - 1})")
-        if world < 2:
-            raise ValueError("the round engine needs a coordinator and at least one worker: world size >= 2")
         self.coordinator = coordinator
         self.worker_ranks = [r for r in range(world) if r != coordinator]
         self.n = n = len(self.worker_ranks)
         params = dict(params or {})
+        sch = check_engine_params(scheme, params, n, n_jobs, models.models, stale)
         self.layout = JobLayout(scheme, n, params, unit=unit, seed=seed)
-        sch = self.layout.scheme
-        if scheme in ("srsgc", "msgc") and sch.lambd >= n:
-            raise ValueError(f"{sch!r}: lambd={sch.lambd} must be < n={n} workers (with lambd >= n every worker "
-                             "may straggle in one window and nothing is left to decode from); lower lambd")
-        if int(n_jobs) != n_jobs or n_jobs < 1:
-            raise ValueError(f"n_jobs={n_jobs!r} must be an integer >= 1")
-        if sch.T > n_jobs:
-            raise ValueError(f"{sch!r}: its delay T={sch.T} is larger than n_jobs={n_jobs}: the run would spend more "
-                             "rounds draining than computing; run more jobs or choose a scheme with a smaller T")
-        if models.models < sch.T + 1 and not stale:
-            raise ValueError(f"{sch!r} has delay T={sch.T}: it needs at least T + 1 = {sch.T + 1} concurrent models "
-                             f"so that no model trains on a stale gradient (got models={models.models}); add "
-                             "models, or pass stale=True for a T-step delayed gradient")
+        if isinstance(max_backlog, bool) or int(max_backlog) != max_backlog or max_backlog < 1:
+            raise ValueError(f"max_backlog={max_backlog!r} must be an integer >= 1 (sends in flight to one worker)")
         self.models, self.n_jobs, self.mu = models, int(n_jobs), float(mu)
         if self.mu < 0:
             raise ValueError(f"mu={mu} must be >= 0")
@@ -278,19 +309,20 @@ class RoundEngine:
         T = run.master.scheme.T
         if run.master.skip(r):
             run.skipped.append(r)
-            self._decode_due(r - T, run.results, run.mods, run.opts)
+            self._decode_due(r - T, run)
+            run.snaps.pop(r - T, None)
             return
         if r < self.n_jobs:
             run.snaps[r] = flat_params(run.mods[r % self.models.models]).clone()
-        jobs, kinds = run.master.assign(r)
+        # back-pressure: a worker with max_backlog sends in flight (a frozen process) gets nothing new
+        stuck = {w for w in range(self.n) if w in self.dead or run.tx[w].pending >= self.max_backlog}
+        jobs, kinds = run.master.assign(r, avoid=stuck)
         slots = self._slots(jobs, kinds, run.d1_done)
         t0 = time.monotonic()
         sent = set()
         for w in range(self.n):
-            if w in self.dead:
-                continue
-            if run.tx[w].pending > self.max_backlog:
-                run.not_sent += 1  # back-pressure: a frozen worker gets nothing new until it drains
+            if w in stuck:
+                run.not_sent += w not in self.dead
                 continue
             msg = self._task_msg(r, w, slots[w], run.snaps)
             run.tx[w].send(msg)
@@ -309,8 +341,8 @@ class RoundEngine:
         except DecodingError as exc:
             raise DecodingError(self._explain(r, exc, missing)) from exc
         if job is not None:
-            self._decode_due(job, run.results, run.mods, run.opts)
-        run.snaps.pop(r - T - 1, None)
+            self._decode_due(job, run, r, missing)
+            run.snaps.pop(job, None)
 
     def _slots(self, jobs, kinds, d1_done) -> List[List[tuple]]:
         """Per worker, its slots as ``(job, kind, index)``; jobs past ``n_jobs`` are idle."""
@@ -341,11 +373,15 @@ class RoundEngine:
         return _msg(r, NORMAL, self.coordinator, payload)
 
     def _collect(self, r, sent, t0, inbox, master):
-        """Gather round ``r``'s results by the round rule; ``(arrived, waited, t_end, late)``."""
-        arrived: Dict[int, torch.Tensor] = {}
-        late = 0
+        """Gather round ``r``'s results by the round rule; ``(arrived, waited, t_end, late)``.
+
+        The deadline is ``t0 + (first arrival - t0) x (1 + mu)``. At the deadline every message
+        already in the inbox is read first, and a result counts when it *arrived* by the deadline
+        (a busy coordinator must not turn an on-time worker into a straggler); if the missing
+        workers fit the scheme's model the round ends, else it waits for all."""
+        arrived: Dict[int, tuple] = {}   # worker -> (payload, arrival time)
+        late = [0]
         deadline = None
-        waits_always = master.waits_always
         waited = False
         hard = t0 + self.timeout
         while True:
@@ -354,36 +390,50 @@ class RoundEngine:
                 break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
+                while True:  # what is already here counts by its arrival time
+                    try:
+                        self._take(inbox.get_nowait(), r, arrived, late)
+                    except queue.Empty:
+                        break
+                on_time = [w for w, (_p, t) in arrived.items() if t <= deadline]
                 missing = np.ones(self.n, dtype=bool)
-                missing[list(arrived)] = False
+                missing[on_time] = False
                 if master.fits(missing):
+                    late[0] += len(arrived) - len(on_time)  # arrived after the deadline: dropped
+                    arrived = {w: arrived[w] for w in on_time}
                     break
                 waited, deadline = True, None  # the pattern does not fit the model: wait for all
                 continue
             limit = (deadline if deadline is not None else hard) - now
             try:
-                kind, peer, head, payload, t_arr = inbox.get(timeout=max(limit, 0.0))
+                item = inbox.get(timeout=max(limit, 0.0))
             except queue.Empty:
                 if deadline is not None:
                     continue
                 raise TimeoutError(
                     f"commcomp: round {r}: workers {sorted(pending)} sent nothing within timeout={self.timeout:g} s "
                     f"(gone: {sorted(self.dead) or 'none'}); raise `timeout` if rounds are this slow") from None
-            w = self.worker_ranks.index(peer)
-            if kind == "dead":
-                continue
-            if kind == "protocol":
-                raise payload
-            if head[2] != NORMAL:
-                raise RuntimeError(f"commcomp: worker {w} (rank {peer}) stopped in round {r}: "
-                                   + ("it failed" if head[2] == ABORT else "it left early"))
-            if head[1] != r:
-                late += 1  # a straggler's result for a round already over
-                continue
-            arrived[w] = payload
-            if deadline is None and not waits_always and not waited and len(arrived) == 1:
-                deadline = t0 + (t_arr - t0) * (1.0 + self.mu)
-        return arrived, waited, time.monotonic(), late
+            self._take(item, r, arrived, late)
+            if deadline is None and not master.waits_always and not waited and len(arrived) == 1:
+                t_first = next(iter(arrived.values()))[1]
+                deadline = t0 + (t_first - t0) * (1.0 + self.mu)
+        return {w: p for w, (p, _t) in arrived.items()}, waited, time.monotonic(), late[0]
+
+    def _take(self, item, r, arrived, late) -> None:
+        """One inbox item: a round-``r`` result goes into ``arrived``; an older one is counted late."""
+        kind, peer, head, payload, t_arr = item
+        w = self.worker_ranks.index(peer)
+        if kind == "dead":
+            return
+        if kind == "protocol":
+            raise payload
+        if head[2] != NORMAL:
+            why = _text(payload) if head[2] == ABORT else "it left before the run ended"
+            raise RuntimeError(f"commcomp: worker {w} (rank {peer}) stopped in round {r}: {why}")
+        if head[1] != r:
+            late[0] += 1  # a straggler's result for a round already over
+            return
+        arrived[w] = (payload, t_arr)
 
     def _store(self, r, w, slots, payload, results, d1_done) -> None:
         meta = payload[:3 * self.slots].tolist()
@@ -399,29 +449,32 @@ class RoundEngine:
             if kind == D1:
                 d1_done[(w, job)] = d1_done.get((w, job), 0) + 1
 
-    def _decode_due(self, job, results, mods, opts) -> None:
+    def _decode_due(self, job, run: "_Run", r: Optional[int] = None, missing=None) -> None:
         if not 0 <= job < self.n_jobs:
             return
-        got = results.pop(job, {})
+        got = run.results.pop(job, {})
+        for w in range(self.n):
+            run.d1_done.pop((w, job), None)
         try:
             total = self.layout.decode(got)
         except ValueError as exc:
-            raise DecodingError(f"commcomp: job {job} cannot be decoded: {exc}") from exc
+            raise DecodingError(self._explain(job if r is None else r, exc, missing)) from exc
         m = job % self.models.models
-        apply_grad(mods[m], opts[m], total / self.layout.N)
+        apply_grad(run.mods[m], run.opts[m], total / self.layout.N)
 
     def _explain(self, r, exc, missing) -> str:
         dead = sorted(self.dead)
         sch = self.layout.scheme
-        return (f"commcomp: {sch!r}: a job due in round {r} cannot be decoded; stragglers this round: "
-                f"{np.flatnonzero(missing).tolist()}, workers gone for good: {dead or 'none'}. The pattern is beyond "
-                "what the scheme tolerates" + (" (M-SGC's D1 part is uncoded: a dead worker is beyond it; GC and "
-                                               "SR-SGC survive up to s dead workers)" if sch.name == "msgc" else "")
-                + f"; restart from a checkpoint with fewer workers or more tolerance. ({exc})")
+        late = "none known" if missing is None else np.flatnonzero(missing).tolist()
+        return (f"commcomp: {sch!r}: a job due in round {r} cannot be decoded; stragglers this round: {late}, "
+                f"workers gone for good: {dead or 'none'}. The pattern is beyond what the scheme tolerates"
+                + (" (M-SGC's D1 part is uncoded: a dead worker is beyond it; GC and SR-SGC survive up to s dead "
+                   "workers)" if sch.name == "msgc" else "")
+                + f"; run again with the dead workers left out, or with a scheme that tolerates more. ({exc})")
 
     def _stop_workers(self, tx, rx, error) -> None:
         flag = ABORT if error is not None else STOP
-        note = torch.zeros(self.task_floats, dtype=torch.float64)
+        note = _text_payload(f"{type(error).__name__}: {error}" if error is not None else "", self.task_floats)
         for w, s in tx.items():
             if w not in self.dead:
                 s.send(_msg(-1, flag, self.coordinator, note))
@@ -436,50 +489,60 @@ class RoundEngine:
     # -- worker
     def _work(self) -> None:
         w = self.worker_ranks.index(self.rank)
-        cm = self.models
-        mods: Dict[int, nn.Module] = {}
         inbox: "queue.Queue" = queue.Queue()
         gone = []
         rx = StreamReceiver(self.transport, self.coordinator, 8 * self.task_floats, inbox,
-                             lambda p, e: gone.append(e))
+                            lambda p, e: gone.append(e))
         tx = PeerSender(self.transport, self.coordinator, lambda p, e: gone.append(e))
         rx.start()
         tx.start()
-        item = None
         try:
-            while True:
-                if item is None:
-                    item = self._next_task(inbox)
-                while not inbox.empty():  # resynchronise: only the newest task matters
-                    item = inbox.get_nowait()
-                kind, _peer, head, payload, t_recv = item
-                item = None
-                if kind != "msg":
-                    raise RuntimeError(f"commcomp: worker {w} lost the coordinator (rank {self.coordinator}), "
-                                       f"a single point of failure: {payload}")
-                r, flag = head[1], head[2]
-                if flag == ABORT:
-                    tx.send(_msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64)))
-                    raise RuntimeError(f"commcomp: the coordinator (rank {self.coordinator}) stopped the run "
-                                       "after an error; see its message")
-                if flag == STOP:
-                    tx.send(_msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64)))
-                    break
-                if self.die_at.get(w) == r:
-                    import os
-                    os._exit(17)  # a crashed worker, for the tests
-                out = self._compute(payload, mods, cm)
-                delay = float(payload[0])
-                newer = self._sleep_until(inbox, t_recv + delay)
-                if newer is not None:  # the round is over: drop this task, start the newer one
-                    item = newer
-                    continue
-                msg = _msg(r, NORMAL, self.rank, out)
-                tx.send(msg)
-                self.bytes_sent += msg.numel()
+            self._serve(w, inbox, tx)
+        except _Stopped:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - tell the coordinator why, then fail here too
+            tx.send(_msg(-1, ABORT, self.rank, _text_payload(f"{type(exc).__name__}: {exc}", self.result_floats)))
+            raise
         finally:
             tx.stop()
             tx.join(min(self.timeout, 30.0))
+
+    def _serve(self, w: int, inbox, tx) -> None:
+        """The worker's loop: newest task, compute, sleep the injected delay, answer; until STOP."""
+        mods: Dict[int, nn.Module] = {}
+        bye = _msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64))
+        item = None
+        while True:
+            if item is None:
+                item = self._next_task(inbox)
+            while not inbox.empty():  # resynchronise: only the newest task matters
+                item = inbox.get_nowait()
+            kind, _peer, head, payload, t_recv = item
+            item = None
+            if kind == "dead":
+                raise RuntimeError(f"commcomp: worker {w} lost the coordinator (rank {self.coordinator}), a single "
+                                   f"point of failure: {payload}")
+            if kind == "protocol":
+                raise payload
+            r, flag = head[1], head[2]
+            if flag == ABORT:
+                tx.send(bye)
+                raise _Stopped(f"commcomp: the coordinator (rank {self.coordinator}) stopped the run: "
+                               f"{_text(payload)}")
+            if flag == STOP:
+                tx.send(bye)
+                return
+            if self.die_at.get(w) == r:
+                import os
+                os._exit(17)  # a crashed worker, for the tests
+            out = self._compute(payload, mods, self.models)
+            newer = self._sleep_until(inbox, t_recv + float(payload[0]))
+            if newer is not None:  # the round is over: drop this task, start the newer one
+                item = newer
+                continue
+            msg = _msg(r, NORMAL, self.rank, out)
+            tx.send(msg)
+            self.bytes_sent += msg.numel()
 
     def _next_task(self, inbox):
         try:
@@ -490,11 +553,10 @@ class RoundEngine:
 
     @staticmethod
     def _sleep_until(inbox, until):
-        left = until - time.monotonic()
-        if left <= 0:
-            return None
+        """Wait until ``until``; a newer task arriving first (or already there) is returned."""
         try:
-            return inbox.get(timeout=left)
+            return inbox.get(timeout=max(0.0, until - time.monotonic())) if until > time.monotonic() \
+                else inbox.get_nowait()
         except queue.Empty:
             return None
 

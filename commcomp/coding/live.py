@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .engine import ENGINE_SCHEMES, RoundEngine, digits_sweep, engine_delays
+from .engine import ENGINE_SCHEMES, RoundEngine, check_engine_params, digits_sweep, engine_delays
 from .simulate import search, simulate
 
 __all__ = ["LivePlan", "plan_runs", "run_live", "ENGINE_SCHEMES"]
@@ -117,6 +117,10 @@ def run_live(plans: List[LivePlan], n_jobs: int, *, workers: int, mu: float = 1.
     otherwise ``workers + 1`` processes are spawned on this machine over gloo. ``models``:
     concurrent models (default: the largest ``T + 1`` of the plans)."""
     models = models or max(p.T + 1 for p in plans)
+    for p in plans:  # before any process starts: a clear error, not a crashed child
+        check_engine_params(p.scheme, p.params, workers, n_jobs, models)
+        if p.delays.shape[1] != workers:
+            raise ValueError(f"{p.scheme}: the delays have {p.delays.shape[1]} workers, --workers is {workers}")
     args = (plans, n_jobs, mu, models, transport, progress, timeout, hidden)
     if transport == "mpi" or "RANK" in os.environ:
         if transport != "mpi":

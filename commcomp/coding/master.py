@@ -28,7 +28,9 @@ Switches (``authors=True`` reproduces the authors' final code exactly; the defau
 deliberate correction): their GC moves on only with *fewer than* ``s`` stragglers (``sum < s``);
 ours with at most ``s``, as gradient coding is designed to, so our GC(s) is their GC(s + 1) at
 load (s + 1) / n. ``srsgc_exemption`` and ``srsgc_skip_tail`` (default True, as their final
-code) turn the two SR-SGC refinements off, to compare with their older 538e95e version.
+code) turn the two SR-SGC refinements off, to measure what each brings (with both off this is
+not their 538e95e version, which also ended fitting SR-SGC rounds at ``wait`` rather than
+``min(wait, slowest)``).
 """
 
 from __future__ import annotations
@@ -99,12 +101,13 @@ class Master:
         self.cond.record(self._none)
         return True
 
-    def assign(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
+    def assign(self, r: int, avoid=()) -> Tuple[np.ndarray, np.ndarray]:
         """``(jobs, kinds)`` for round ``r``, both (n, slots) (see
-        :meth:`~commcomp.coding.schedules.Schedule.assign`); uncoded: one task per worker on job r."""
+        :meth:`~commcomp.coding.schedules.Schedule.assign`; ``avoid``: workers known not to
+        answer, chosen last for SR-SGC's repeats); uncoded: one task per worker on job r."""
         if self.plan is None:
             return np.full((self.n, 1), r, np.int64), np.full((self.n, 1), CODED, np.int8)
-        return self.plan.assign(r)
+        return self.plan.assign(r, avoid)
 
     def fits(self, is_straggler: np.ndarray) -> bool:
         """Whether the master may end the round without the workers ``is_straggler`` (bool (n,))."""

@@ -56,6 +56,7 @@ class Schedule(abc.ABC):
         self.kinds = np.zeros((rounds, n, slots), dtype=np.int8)
         self.got = np.zeros((rounds, n), dtype=bool)
         self._next = 0
+        self._avoid: set = set()
 
     def _grow(self, r: int) -> None:
         if r >= self.jobs.shape[0]:
@@ -64,14 +65,17 @@ class Schedule(abc.ABC):
             self.kinds = np.concatenate([self.kinds, np.zeros((extra, self.n, self.slots), np.int8)])
             self.got = np.concatenate([self.got, np.zeros((extra, self.n), bool)])
 
-    def assign(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
+    def assign(self, r: int, avoid=()) -> Tuple[np.ndarray, np.ndarray]:
         """What each worker computes in round ``r``: ``(jobs, kinds)``, both (n, slots); slot ``m``
         of worker ``i`` works on job ``jobs[i, m]`` (-1: none) as task kind ``kinds[i, m]``
         (:data:`IDLE`, :data:`CODED`, :data:`REPEAT`, :data:`D1`, :data:`D2`). The plan of round
-        ``r`` depends on which workers returned in earlier rounds, so record those first."""
+        ``r`` depends on which workers returned in earlier rounds, so record those first.
+        ``avoid``: workers known not to answer this round (dead, or frozen); where a scheme
+        chooses among workers (SR-SGC's repeaters) it chooses them last."""
         if r != self._next:
             raise ValueError(f"rounds must be assigned in order: expected round {self._next}, got {r}")
         self._grow(r)
+        self._avoid = set(int(w) for w in avoid)
         self._plan(r)
         return self.jobs[r], self.kinds[r]
 
@@ -143,6 +147,8 @@ class SRSGCSchedule(Schedule):
         if old >= 0:
             missing = np.flatnonzero(~self._contributed(old, old))
             if missing.size > self.s:
+                # the lowest-numbered repeat (the authors' rule); workers that cannot answer go last
+                missing = np.array(sorted(missing.tolist(), key=lambda w: (w in self._avoid, w)), dtype=np.int64)
                 rep = missing[: missing.size - self.s]
                 self.jobs[r, rep, 0], self.kinds[r, rep, 0] = old, REPEAT
 

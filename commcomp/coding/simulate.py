@@ -160,9 +160,9 @@ def _run_rounds(master: Master, d: np.ndarray, mu: float):
 
 def param_grid(scheme: str, n: int, n_jobs: int, max_delay: int, lambds: Optional[Iterable[int]] = None,
                s_values: Optional[Iterable[int]] = None) -> List[dict]:
-    """The parameters :func:`search` tries, as in the authors' ``param_combinations``: ``gc`` and
-    ``ignore``: s in 0..n-1; ``srsgc``: B in 1..max_delay, W = B+1, 2B+1, ... < n_jobs; ``msgc``:
-    2 <= W < n_jobs, 1 <= B < W with W - 1 + B <= max_delay (T + 1 <= max_delay, their bound);
+    """The parameters :func:`search` tries, as in the authors' final ``param_combinations``
+    (fab1280): ``gc`` and ``ignore``: s in 0..n-1; ``srsgc``: B in 1..max_delay,
+    W = B+1, 2B+1, ... <= n_jobs (since their d663187); ``msgc``: 2 <= W < n_jobs, 1 <= B < W with W - 1 + B <= max_delay (T + 1 <= max_delay, their bound);
     lambd in 1..n (``lambds`` narrows it, ``s_values`` narrows s)."""
     lam = list(range(1, n + 1)) if lambds is None else [int(x) for x in lambds]
     ss = list(range(0, n)) if s_values is None else [int(x) for x in s_values]
@@ -172,7 +172,7 @@ def param_grid(scheme: str, n: int, n_jobs: int, max_delay: int, lambds: Optiona
         return [{"s": s} for s in ss if 0 <= s < n]
     if scheme == "srsgc":
         return [{"B": B, "W": W, "lambd": la} for B in range(1, max_delay + 1)
-                for W in range(B + 1, n_jobs, B) for la in lam
+                for W in range(B + 1, n_jobs + 1, B) for la in lam
                 if -(-B * la // (W - 1 + B)) < n]
     if scheme == "msgc":
         return [{"B": B, "W": W, "lambd": la} for W in range(2, n_jobs) for B in range(1, W)

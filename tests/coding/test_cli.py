@@ -1,6 +1,7 @@
 """`python -m commcomp stragglers ...` in a subprocess."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,10 @@ def test_run_errors_are_actionable():
     p = _run("stragglers", "run", "--scheme", "msgc", "--B", "1", "--W", "3", "--lambd", "1", "--trace", TRACE,
              "--workers", "4", "--jobs", "19")
     assert p.returncode != 0 and "--extend" in p.stderr
+    # checked before any process is spawned: one line, no traceback from a child
+    for args, want in ((("--B", "2", "--W", "4", "--lambd", "1", "--jobs", "3"), "larger than n_jobs=3"),
+                       (("--B", "1", "--W", "2", "--lambd", "3", "--jobs", "8"), "lambd=3 must be < n=3"),
+                       (("--B", "1", "--W", "3", "--lambd", "1", "--jobs", "8", "--models", "2"), "T \\+ 1 = 3")):
+        p = _run("stragglers", "run", "--scheme", "msgc", *args, "--model", "none", "--workers", "3")
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert re.search(want, p.stderr), p.stderr

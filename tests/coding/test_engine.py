@@ -73,7 +73,9 @@ def run_killed(rank, world, scheme, params):
     d = _delays(J + 4, world - 1, p=0.0)
     eng = RoundEngine(cm, scheme, params, n_jobs=J, delays=d, timeout=30, die_at={1: 3})
     if scheme == "msgc":  # D1 is uncoded: a dead worker is beyond M-SGC's tolerance
-        with pytest.raises(RuntimeError, match="cannot be decoded|stopped the run"):
+        # the coordinator explains; the live workers are stopped with that explanation
+        match = "cannot be decoded; .*workers gone for good: \\[1\\]" if rank == 0 else "stopped the run: .*cannot be decoded"
+        with pytest.raises(RuntimeError, match=match):
             eng.run()
         return
     res = eng.run()
@@ -100,7 +102,7 @@ def run_frozen(rank, world, tmp):
     import torch.distributed as dist
 
     cm = digits_sweep(models=1, hidden=8)
-    J = 16
+    J = 60  # 3 s or more of 50 ms rounds: the run outlasts the freeze (0.3 s to 1.8 s)
     d = _delays(J + 4, world - 1, p=0.0)
     with open(f"{tmp}/pid{rank}", "w") as f:
         f.write(str(os.getpid()))
@@ -126,6 +128,31 @@ def test_a_frozen_worker_gets_no_new_tasks_then_resynchronises(tmp_path):
     spawn(run_frozen, N_WORKERS + 1, tmp_path, str(tmp_path))
 
 
+def _loss_failing_on_rank_2(mod, xb, yb):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 2:
+        raise ValueError("a bad batch on this worker")
+    return torch.nn.functional.cross_entropy(mod(xb), yb, reduction="none")
+
+
+def run_failing_worker(rank, world):
+    cm = digits_sweep(models=1, hidden=8)
+    cm.per_sample_loss = _loss_failing_on_rank_2
+    eng = RoundEngine(cm, "gc", {"s": 1}, n_jobs=4, delays=_delays(6, world - 1, p=0.0), timeout=30)
+    if rank == 2:
+        with pytest.raises(ValueError, match="a bad batch"):
+            eng.run()
+        return
+    match = "worker 1 \\(rank 2\\) stopped in round 0: ValueError: a bad batch"
+    with pytest.raises(RuntimeError, match=match if rank == 0 else "stopped the run: .*" + match):
+        eng.run()
+
+
+def test_a_failing_worker_stops_the_run_with_its_reason_on_every_rank(tmp_path):
+    spawn(run_failing_worker, 4, tmp_path)
+
+
 # --------------------------------------------------------------------------- no processes
 class _FakeTransport:
     name = "fake"
@@ -142,6 +169,30 @@ class _FakeTransport:
 def _engine(scheme, params, world=5, **kw):
     cm = digits_sweep(models=kw.pop("models", 4), hidden=4)
     return RoundEngine(cm, scheme, params, transport=_FakeTransport(world), **kw)
+
+
+def test_srsgc_repeats_avoid_dead_workers():
+    """n=4, (B, W, lambd) = (1, 2, 2), s=1: worker 1 is dead from round 3, worker 3 straggles in
+    round 5. The authors' rule (lowest-numbered repeats) picks the dead worker to repeat job 5,
+    and job 5 cannot be decoded; told which workers cannot answer, the schedule picks worker 3."""
+    from commcomp.coding.master import Master
+    from commcomp.coding.schedules import DecodingError
+
+    def run(avoid_dead):
+        m = Master("srsgc", 4, {"B": 1, "W": 2, "lambd": 2}, n_jobs=8)
+        for r in range(m.rounds):
+            dead = {1} if r >= 3 else set()
+            if m.skip(r):
+                continue
+            m.assign(r, avoid=dead if avoid_dead else ())
+            missing = np.zeros(4, dtype=bool)
+            missing[list(dead)] = True
+            missing[3] |= r == 5
+            m.end_round(r, missing, waited=False)
+
+    run(avoid_dead=True)
+    with pytest.raises(DecodingError):
+        run(avoid_dead=False)
 
 
 def test_bad_parameters_get_clear_errors():
@@ -162,7 +213,8 @@ def test_bad_parameters_get_clear_errors():
 
 
 @pytest.mark.parametrize("scheme,params", [("uncoded", {}), ("gc", {"s": 2}), ("srsgc", {"B": 1, "W": 3, "lambd": 5}),
-                                           ("msgc", {"B": 2, "W": 3, "lambd": 2}), ("msgc", {"B": 1, "W": 3, "lambd": 0})])
+                                           ("msgc", {"B": 2, "W": 3, "lambd": 2}), ("msgc", {"B": 1, "W": 3, "lambd": 0}),
+                                           ("msgc", {"B": 1, "W": 3, "lambd": 6})])  # lambd = n: no D2 part
 def test_layout_decodes_the_job_sum_from_any_tolerated_subset(scheme, params):
     n = 6
     lay = JobLayout(scheme, n, params, unit=2)

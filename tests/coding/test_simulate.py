@@ -62,6 +62,27 @@ def test_srsgc_exempt_rounds_do_not_count_towards_the_window():
     assert with_ex.round_durations[1] == 2.0 and without.round_durations[1] == 5.0
 
 
+def test_srsgc_exemption_needs_a_round_without_repeats():
+    """A round with at most s stragglers is exempt only if nobody repeated an older job in it.
+    n=3, B=1, W=3, lambd=3 (s=1): round 0 has 2 stragglers, so in round 1 worker 0 repeats job 0;
+    round 1 has one straggler (worker 1) but holds that repeat, so it is not exempt; in round 2
+    worker 1 straggles again, which the temporal test forbids (a straggler of rounds r-W+1..r-B)
+    unless round 1 were exempt. The authors' code (fab1280) gives [2, 2, 3] with 1 wait; without
+    the no-repeat clause it would be [2, 2, 2] and no wait."""
+    d = np.array([[3.0, 1.0, 3.0], [1.0, 3.0, 1.0], [1.0, 3.0, 1.0]])
+    r = simulate(d, "srsgc", {"B": 1, "W": 3, "lambd": 3}, n_jobs=2, mu=1.0)
+    assert list(r.round_durations) == [2.0, 2.0, 3.0] and r.num_waits == 1
+
+
+def test_srsgc_search_grid_is_the_authors_final_one():
+    from commcomp.coding.simulate import param_grid
+
+    got = {(p["B"], p["W"]) for p in param_grid("srsgc", 8, n_jobs=5, max_delay=3, lambds=[1])}
+    # fab1280: for B in 1..max_delay, for W in range(B + 1, n_jobs + 1, B)
+    assert got == {(B, W) for B in range(1, 4) for W in range(B + 1, 6, B)}
+    assert (2, 5) in got and (1, 5) in got
+
+
 def test_srsgc_skips_tail_rounds_whose_job_already_decodes():
     d = np.ones((12, 6))
     r = simulate(d, "srsgc", {"B": 2, "W": 3, "lambd": 2}, n_jobs=10, mu=1.0)
