@@ -40,7 +40,8 @@ with an explanation, on every rank. Every wait has a deadline (``timeout``).
 **The coordinator is a single point of failure**: it holds the round, the models and the
 results; if it dies the workers stop with an error after ``timeout``. It computes nothing, so it
 is never a straggler itself. Transports: torch.distributed P2P (gloo) or MPI (``"mpi"``, through
-mpi4py; MPI aborts the job when a process dies, so no dead-worker tolerance there).
+mpi4py; MPI aborts the job when a process dies, so no dead-worker tolerance there, and MPI
+completes small sends at once, so back-pressure engages only for messages past its eager limit).
 
 Example (on every rank of a gloo group of ``n + 1`` ranks)::
 
