@@ -148,8 +148,9 @@ def check_engine_params(scheme: str, params: Optional[dict], n: int, n_jobs: int
                          "rounds draining than computing; run more jobs or choose a scheme with a smaller T")
     if models < sch.T + 1 and not stale:
         raise ValueError(f"{sch!r} has delay T={sch.T}: it needs at least T + 1 = {sch.T + 1} concurrent models "
-                         f"so that no model trains on a stale gradient (got models={models}); add models, or "
-                         "pass stale=True for a T-step delayed gradient")
+                         f"so that no model trains on a stale gradient (got models={models}); add models "
+                         "(--models on the command line), or pass stale=True to RoundEngine for a T-step delayed "
+                         "gradient")
     return sch
 
 
@@ -160,7 +161,7 @@ class _Stopped(RuntimeError):
 def _text_payload(text: str, nfloats: int) -> torch.Tensor:
     """``text`` (UTF-8, cut to fit) in a float64 payload of ``nfloats`` (an ABORT's reason)."""
     raw = torch.zeros(8 * nfloats, dtype=torch.uint8)
-    data = text.encode()[: min(8 * nfloats, 4096) - 1]
+    data = text.encode(errors="replace")[: min(8 * nfloats, 4096) - 1]
     raw[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     return raw.view(torch.float64)
 
@@ -279,6 +280,13 @@ class RoundEngine:
             self._stop_workers(run.tx, run.rx, error)
         if error is not None:
             raise error
+        while True:  # a worker that failed after the last round it was waited for still fails the run
+            try:
+                kind, peer, head, payload, _t = run.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "msg" and head[2] == ABORT:
+                raise self._stopped(self.worker_ranks.index(peer), peer, head, payload, run.master.rounds - 1)
         sch = run.master.scheme
         return EngineResult(sch.name, sch.params, self.n_jobs, sch.T, sch.load, time.monotonic() - t_start,
                             run.durations, run.master.num_waits, run.missing, run.skipped, run.late,
@@ -310,7 +318,7 @@ class RoundEngine:
         T = run.master.scheme.T
         if run.master.skip(r):
             run.skipped.append(r)
-            self._decode_due(r - T, run)
+            self._decode_due(r - T, run, r)
             run.snaps.pop(r - T, None)
             return
         if r < self.n_jobs:
@@ -387,9 +395,9 @@ class RoundEngine:
         hard = t0 + self.timeout
         while True:
             pending = [w for w in sent if w not in arrived and w not in self.dead]
-            if not pending:
-                break
             now = time.monotonic()
+            if not pending and (deadline is None or now < deadline):
+                break  # everyone answered before the deadline (or the round waits for all)
             if deadline is not None and now >= deadline:
                 while True:  # what is already here counts by its arrival time
                     try:
@@ -420,6 +428,12 @@ class RoundEngine:
                 deadline = t0 + (t_first - t0) * (1.0 + self.mu)
         return {w: p for w, (p, _t) in arrived.items()}, waited, time.monotonic(), late[0]
 
+    @staticmethod
+    def _stopped(w, peer, head, payload, r) -> RuntimeError:
+        why = _text(payload) if head[2] == ABORT else "it left before the run ended"
+        when = head[1] if head[2] == ABORT and head[1] >= 0 else r
+        return RuntimeError(f"commcomp: worker {w} (rank {peer}) stopped in round {when}: {why}")
+
     def _take(self, item, r, arrived, late) -> None:
         """One inbox item: a round-``r`` result goes into ``arrived``; an older one is counted late."""
         kind, peer, head, payload, t_arr = item
@@ -429,8 +443,7 @@ class RoundEngine:
         if kind == "protocol":
             raise payload
         if head[2] != NORMAL:
-            why = _text(payload) if head[2] == ABORT else "it left before the run ended"
-            raise RuntimeError(f"commcomp: worker {w} (rank {peer}) stopped in round {r}: {why}")
+            raise self._stopped(w, peer, head, payload, r)
         if head[1] != r:
             late[0] += 1  # a straggler's result for a round already over
             return
@@ -502,7 +515,8 @@ class RoundEngine:
         except _Stopped:
             raise
         except BaseException as exc:  # noqa: BLE001 - tell the coordinator why, then fail here too
-            tx.send(_msg(-1, ABORT, self.rank, _text_payload(f"{type(exc).__name__}: {exc}", self.result_floats)))
+            why = _text_payload(f"{type(exc).__name__}: {exc}", self.result_floats)
+            tx.send(_msg(self._round_now, ABORT, self.rank, why))
             raise
         finally:
             tx.stop()
@@ -513,6 +527,7 @@ class RoundEngine:
         mods: Dict[int, nn.Module] = {}
         bye = _msg(-1, STOP, self.rank, torch.zeros(self.result_floats, dtype=torch.float64))
         item = None
+        self._round_now = -1  # the round being worked on, for an ABORT's header
         while True:
             if item is None:
                 item = self._next_task(inbox)
@@ -533,6 +548,7 @@ class RoundEngine:
             if flag == STOP:
                 tx.send(bye)
                 return
+            self._round_now = r
             if self.die_at.get(w) == r:
                 import os
                 os._exit(17)  # a crashed worker, for the tests

@@ -121,6 +121,9 @@ def run_live(plans: List[LivePlan], n_jobs: int, *, workers: int, mu: float = 1.
         check_engine_params(p.scheme, p.params, workers, n_jobs, models)
         if p.delays.shape[1] != workers:
             raise ValueError(f"{p.scheme}: the delays have {p.delays.shape[1]} workers, --workers is {workers}")
+        if p.delays.shape[0] < n_jobs + p.T:
+            raise ValueError(f"{p.scheme}: {n_jobs} jobs with delay T={p.T} need {n_jobs + p.T} rounds of delays; "
+                             f"there are {p.delays.shape[0]} (extend the trace, or lower n_jobs)")
     args = (plans, n_jobs, mu, models, transport, progress, timeout, hidden)
     if transport == "mpi" or "RANK" in os.environ:
         if transport != "mpi":
