@@ -249,6 +249,7 @@ class RoundEngine:
         self.task_floats = 1 + 3 * self.slots + self.slots * self.P
         self.result_floats = 3 * self.slots + self.slots * self.P
         self.bytes_sent = 0
+        self.dead: Dict[int, str] = {}  # worker -> why, for workers whose connection failed
 
     # -- entry
     def run(self) -> Optional[EngineResult]:

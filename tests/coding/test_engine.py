@@ -254,3 +254,62 @@ def test_msgc_minitasks_are_equal_work_and_its_load_is_the_papers():
 if __name__ == "__main__":  # pragma: no cover
     import sys
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+
+class _Inbox:
+    """A coordinator inbox on a fake clock: results arrive at given times; a blocking get may
+    return up to `lateness` after its timeout, as a busy scheduler's does."""
+
+    def __init__(self, clock, arrivals, lateness=0.1):
+        self.clock, self.lateness = clock, lateness
+        self.items = sorted(arrivals, key=lambda a: a[4])
+
+    def get(self, timeout):
+        import queue
+
+        if not self.items or self.items[0][4] > self.clock.now + timeout + self.lateness:
+            self.clock.now += timeout
+            raise queue.Empty
+        item = self.items.pop(0)
+        self.clock.now = max(self.clock.now, item[4])
+        return item
+
+    def get_nowait(self):
+        import queue
+
+        if self.items and self.items[0][4] <= self.clock.now:
+            return self.items.pop(0)
+        raise queue.Empty
+
+
+@pytest.mark.parametrize("scheme,params,want_arrived,want_waited,want_late", [
+    ("gc", {"s": 1}, {0, 1}, False, 1),        # worker 2 answers after the deadline: a straggler, dropped
+    ("gc", {"s": 0}, {0, 1, 2}, True, 0),      # that does not fit s=0: the round waits for all
+    ("uncoded", {}, {0, 1, 2}, False, 0),      # uncoded always waits for all
+])
+def test_a_result_after_the_deadline_is_late_even_when_it_is_the_last(monkeypatch, scheme, params, want_arrived,
+                                                                      want_waited, want_late):
+    """Arrivals at 1.0, 1.5 and 2.05 s after the round starts; mu=1 puts the deadline at 2.0 s.
+    The last result is taken by a blocking get that returned late: it still counts as late."""
+    import types
+
+    from commcomp.coding import engine as engine_mod
+    from commcomp.coding.master import Master
+
+    eng = _engine(scheme, params, world=4, n_jobs=4, models=1)
+    clock = _Clock()
+    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    payload = torch.zeros(3)
+    inbox = _Inbox(clock, [("msg", rank, [0, 0, 0, rank], payload, t) for rank, t in ((1, 1.0), (2, 1.5), (3, 2.05))])
+    master = Master(scheme, 3, params, n_jobs=4)
+    master.assign(0)
+    arrived, waited, _t_end, late = eng._collect(0, {0, 1, 2}, 0.0, inbox, master)
+    assert (set(arrived), waited, late) == (want_arrived, want_waited, want_late)
