@@ -255,9 +255,15 @@ class RoundEngine:
     def run(self) -> Optional[EngineResult]:
         """Run the whole schedule; the coordinator's :class:`EngineResult`, None on a worker."""
         if self.rank == self.coordinator:
-            return self._coordinate()
-        self._work()
-        return None
+            res = self._coordinate()
+        else:
+            self._work()
+            res = None
+        if getattr(self.transport, "name", "") == "mpi":
+            # leave together: a rank that finalizes MPI while a peer's last messages are still in
+            # flight aborts both ("terminate called without an active exception")
+            self.transport.comm.Barrier()
+        return res
 
     # -- coordinator
     def _coordinate(self) -> EngineResult:
