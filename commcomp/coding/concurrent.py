@@ -18,7 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
+from .data import coded_loss
 from .sequential import make_scheme
 
 __all__ = ["ConcurrentModels", "apply_grad", "digits_sweep", "engine_delays", "flat_params", "grad_sum",
@@ -108,7 +110,7 @@ def digits_sweep(models: int = 4, lrs: Optional[Sequence[float]] = None, hidden:
 
 
 def flat_params(mod: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in mod.parameters()]).to(torch.float64)
+    return parameters_to_vector(mod.parameters()).detach().to(torch.float64)
 
 
 def load_params(mod: nn.Module, theta: torch.Tensor) -> None:
@@ -125,7 +127,7 @@ def grad_sum(cm: ConcurrentModels, mod: nn.Module, theta: torch.Tensor, idx: tor
     load_params(mod, theta)
     mod.zero_grad(set_to_none=True)
     losses = cm.per_sample_loss(mod, cm.X[idx], cm.y[idx])
-    (losses.to(torch.float64) * w).sum().backward()
+    coded_loss(losses.to(torch.float64), w).backward()  # the coded-gradient trick of the DDP hook
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in mod.parameters()]).to(torch.float64)
 
